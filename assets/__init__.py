@@ -1,0 +1,1 @@
+"""One Dagster asset per pipeline stage; each is a thin wrapper over a `vlmtune` function."""

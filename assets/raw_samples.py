@@ -1,0 +1,28 @@
+import dagster as dg
+
+from assets.results import counts_table, materialize_result
+from pipelines.partitions import drops_partitions
+from resources import ArtifactStoreResource, DropsResource
+from vlmtune.artifacts import fingerprint
+from vlmtune.ingest import drop_fingerprint, ingest_drop
+
+CODE_VERSION = "1"
+
+
+@dg.asset(partitions_def=drops_partitions, code_version=CODE_VERSION, group_name="data", kinds={"parquet"})
+def raw_samples(context: dg.AssetExecutionContext, drops: DropsResource, artifacts: ArtifactStoreResource) -> dg.MaterializeResult:
+    """Every record of one drop with its image's sha256 and size; unreadable lines quarantined with a reason."""
+    drop = context.partition_key
+    drop_dir = drops.drop_dir(drop)
+    version = fingerprint("raw_samples", CODE_VERSION, drop, drop_fingerprint(drop_dir))
+    artifact = artifacts.store().build("raw_samples", version, lambda out: ingest_drop(drop_dir, drop, out), partition=drop)
+    summary = artifact.summary
+    return materialize_result(
+        artifact,
+        n_in=summary["n_in"],
+        n_kept=summary["n_kept"],
+        n_quarantined=summary["n_quarantined"],
+        n_images=summary["n_images"],
+        quarantine_reasons=counts_table(summary["quarantine_reasons"]),
+        **{"dagster/row_count": summary["n_kept"]},
+    )

@@ -1,0 +1,52 @@
+import dagster as dg
+
+from assets.results import counts_table, materialize_result
+from pipelines.partitions import drops_partitions
+from resources import ArtifactStoreResource, PipelineSettings
+from vlmtune.artifacts import fingerprint
+from vlmtune.base_model import PROCESSOR_DIR
+from vlmtune.config import as_dict
+from vlmtune.models import load_processor
+from vlmtune.tokenization import assemble_splits, tokenize_drop
+
+CODE_VERSION = "1"
+
+
+@dg.asset(deps=["clean_samples", "base_model"], code_version=CODE_VERSION, group_name="data", kinds={"arrow"})
+def tokenized_dataset(
+    context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource, settings: PipelineSettings
+) -> dg.MaterializeResult:
+    """A train / validation / test DatasetDict for the base model's processor; each drop tokenized once into its own shard."""
+    store = artifacts.store()
+    base = store.require_current("base_model")
+    config = settings.config().tokenize
+    drops = sorted(context.instance.get_dynamic_partitions(drops_partitions.name))
+    cleaned = {drop: store.current("clean_samples", drop) for drop in drops}
+    missing = [drop for drop, artifact in cleaned.items() if artifact is None]
+    if missing:
+        raise RuntimeError(f"drops {missing} are registered but have no clean_samples; materialize them first")
+    processor = None
+    shards, reused = [], 0
+    for drop, clean in cleaned.items():
+        shard_version = fingerprint("tokenized_shard", CODE_VERSION, clean.fingerprint, base.summary["processor_sha256"], base.summary["chat_template_sha256"], as_dict(config))
+        if store.find("tokenized_shard", shard_version, drop) is None and processor is None:
+            processor = load_processor(base.path / PROCESSOR_DIR)
+        shard = store.build("tokenized_shard", shard_version, lambda out, clean=clean: tokenize_drop(clean.path, processor, out, config), partition=drop)
+        reused += shard.cached
+        shards.append(shard)
+    version = fingerprint("tokenized_dataset", CODE_VERSION, [shard.fingerprint for shard in shards])
+    artifact = store.build("tokenized_dataset", version, lambda out: assemble_splits([shard.path for shard in shards], out))
+    summary = artifact.summary
+    context.log.info(f"{len(shards)} drop shards, {reused} reused without re-tokenizing")
+    return materialize_result(
+        artifact,
+        splits=summary["splits"],
+        tokens=summary["n_tokens"],
+        drops=drops,
+        shards_reused=reused,
+        shards_tokenized=len(shards) - reused,
+        too_long=sum(shard.summary["quarantine_reasons"].get("too_long", 0) for shard in shards),
+        quarantine_reasons=counts_table(summary["quarantine_reasons"]),
+        processor_sha256=base.summary["processor_sha256"],
+        **{"dagster/row_count": sum(summary["splits"].values())},
+    )

@@ -1,0 +1,13 @@
+import dagster as dg
+from pydantic import Field
+
+from vlmtune.config import PipelineConfig, Profile, profile_config
+
+
+class PipelineSettings(dg.ConfigurableResource):
+    """The run profile that sets every stage's defaults; per-run overrides come from each asset's config."""
+
+    profile: Profile = Field(default="demo", description="`demo`: the full easy-VQA run; `smoke`: a small subset and a few steps.")
+
+    def config(self) -> PipelineConfig:
+        return profile_config(self.profile)

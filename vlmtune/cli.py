@@ -1,0 +1,134 @@
+"""`vlmtune`: run the pipeline through Dagster from the command line.
+
+    vlmtune demo [--profile smoke|demo]   write the easy-VQA drops and materialize every asset
+    vlmtune ingest PATH [--name NAME]     register one drop and materialize its raw and clean samples
+
+Runs go into the persistent Dagster instance at $DAGSTER_HOME (default ./.dagster), so
+`dagster dev -w workspace.yaml` shows them afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from vlmtune.config import PROFILES, profile_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlmtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the whole pipeline on the bundled easy-VQA data")
+    demo.add_argument("--profile", choices=PROFILES, default=os.environ.get("VQA_PROFILE", "demo"))
+    ingest = commands.add_parser("ingest", help="add one drop folder and process its raw and clean samples")
+    ingest.add_argument("path", type=Path)
+    ingest.add_argument("--name", help="partition name (default: the folder's name)")
+    args = parser.parse_args(argv)
+    _default_environment()
+    if args.command == "demo":
+        return run_demo(args.profile)
+    return run_ingest(args.path, args.name)
+
+
+def run_demo(profile: str) -> int:
+    from vlmtune.easyvqa import write_demo_drops
+
+    started = time.time()
+    config = profile_config(profile)
+    drops_dir = Path(os.environ["VQA_DATA_DIR"]) / "drops"
+    drop_dirs = write_demo_drops(
+        drops_dir, config.tiny_model.pretrain_fraction, config.demo_data.max_finetune_samples, config.demo_data.max_test_samples
+    )
+    print(f"[vlmtune] profile {profile}: drops {[d.name for d in drop_dirs]} under {drops_dir}")
+    defs, instance = _dagster(profile)
+    _register_drops(instance, [d.name for d in drop_dirs])
+    timings = {}
+    for drop_dir in drop_dirs:
+        timings[f"ingest {drop_dir.name}"] = _execute(defs, instance, "ingest_drop", partition_key=drop_dir.name)
+    timings["train_and_ship"] = _execute(defs, instance, "train_and_ship")
+    _print_headline(timings, time.time() - started)
+    return 0
+
+
+def run_ingest(path: Path, name: str | None) -> int:
+    source = path.resolve()
+    if not source.is_dir():
+        print(f"[vlmtune] {source} is not a folder", file=sys.stderr)
+        return 2
+    drops_dir = Path(os.environ["VQA_DATA_DIR"]) / "drops"
+    name = name or source.name
+    target = drops_dir / name
+    if target.resolve() != source:
+        if target.exists():
+            print(f"[vlmtune] a different drop named {name!r} already exists at {target}", file=sys.stderr)
+            return 2
+        drops_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, target, symlinks=True)  # links are copied as links and judged inside the drop
+    defs, instance = _dagster(os.environ.get("VQA_PROFILE", "demo"))
+    _register_drops(instance, [name])
+    _execute(defs, instance, "ingest_drop", partition_key=name)
+    from vlmtune.artifacts import ArtifactStore
+
+    summary = ArtifactStore(os.environ["VQA_HOME"]).require_current("clean_samples", name).summary
+    print(f"[vlmtune] drop {name}: {summary['n_in']} records, {summary['n_kept']} kept, {summary['n_quarantined']} quarantined {summary['quarantine_reasons']}")
+    return 0
+
+
+def _default_environment() -> None:
+    for variable, default in (("DAGSTER_HOME", ".dagster"), ("VQA_HOME", "artifacts"), ("VQA_DATA_DIR", "data")):
+        path = Path(os.environ.get(variable) or default).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(path)
+
+
+def _dagster(profile: str):
+    import dagster as dg
+
+    from pipelines.definitions import build_definitions
+
+    return build_definitions(profile=profile), dg.DagsterInstance.get()
+
+
+def _register_drops(instance, names: list[str]) -> None:
+    from pipelines.partitions import drops_partitions
+
+    known = set(instance.get_dynamic_partitions(drops_partitions.name))
+    new = [name for name in names if name not in known]
+    if new:
+        instance.add_dynamic_partitions(drops_partitions.name, new)
+
+
+def _execute(defs, instance, job_name: str, partition_key: str | None = None) -> float:
+    started = time.time()
+    result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=False)
+    if not result.success:
+        failed = [event.step_key for event in result.all_events if event.is_step_failure]
+        raise SystemExit(f"[vlmtune] run {result.run_id} of {job_name} failed in {failed}; see `dagster dev -w workspace.yaml`")
+    return time.time() - started
+
+
+def _print_headline(timings: dict[str, float], total: float) -> None:
+    from vlmtune.artifacts import ArtifactStore
+
+    store = ArtifactStore(os.environ["VQA_HOME"])
+    report = store.require_current("evaluation_report")
+    adapter = store.require_current("lora_adapter")
+    merged = store.require_current("merged_model")
+    summary = report.summary
+    print("\n[vlmtune] done in {:.0f}s ({})".format(total, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())))
+    print(f"  accuracy          {summary['accuracy']:.1%} on {summary['n']} test questions")
+    for name, value in summary["baselines"].items():
+        print(f"  baseline {name:<9}{value:.1%}")
+    for name, value in summary["per_answer_type"].items():
+        print(f"  {name:<18}{value:.1%}")
+    print(f"  adapter           {adapter.path} ({adapter.summary['trainable_share']:.2%} of parameters trained)")
+    print(f"  merged model      {merged.path} (max logit diff {merged.summary['max_logit_diff']:.2e})")
+    print(f"  report            {report.path / 'report.md'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Typed configuration of every stage, and the two run profiles.
+
+Each stage takes one frozen dataclass. The resolved config is hashed into the stage's fingerprint
+and saved beside its artifact, so every artifact can be rebuilt from its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Profile = Literal["smoke", "demo"]
+PROFILES: tuple[Profile, ...] = ("smoke", "demo")
+TINY_MODEL_ID = "vlmtune/tiny-easyvqa"  # built from a config and pretrained by the pipeline; never downloaded
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    min_image_side: int = 8
+    max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
+    # Fractions for records that arrive without a split; hashed on the image so an image keeps one split.
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    max_length: int = 256  # tokens after the processor has expanded the image placeholders
+    num_proc: int = 1
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """The offline default: a LLaVA-architecture VLM small enough to pretrain on a CPU in minutes."""
+
+    image_size: int = 64  # easy-VQA images are 64x64
+    patch_size: int = 8  # 64 image tokens per image
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    heads: int = 4
+    pretrain_fraction: float = 0.5  # share of easy-VQA training images kept for pretraining, out of the fine-tuning drop
+    pretrain_max_samples: int | None = None
+    pretrain_steps: int = 600
+    pretrain_batch_size: int = 64
+    pretrain_learning_rate: float = 3e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Literal["lora", "full"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    train_projector: bool = False  # train the vision-language projector in full beside the LoRA layers
+    learning_rate: float = 2e-3
+    max_steps: int = 200
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    eval_steps: int = 50  # also the checkpoint interval
+    max_eval_samples: int = 512  # validation loss on a fixed subset keeps evaluation cheap
+    early_stopping_patience: int = 3
+    max_train_samples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in ("lora", "full"):
+            problems.append(f"method={self.method!r} (choose 'lora' or 'full')")
+        for name in ("lora_rank", "max_steps", "batch_size", "gradient_accumulation_steps", "eval_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if not 0 < self.learning_rate < 1:
+            problems.append(f"learning_rate={self.learning_rate} (must be in (0, 1))")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout={self.lora_dropout} (must be in [0, 1))")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 128
+    max_new_tokens: int = 16
+    max_samples: int | None = None  # None: the whole test split
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    n_check_samples: int = 8
+    max_logit_diff: float = 1e-3  # fp32 merge: differences are float rounding only
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    max_finetune_samples: int | None = None
+    max_test_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+
+def profile_config(profile: Profile) -> PipelineConfig:
+    """`demo` is the full easy-VQA run (about 10 minutes on 2 CPU cores); `smoke` a small fast subset."""
+    if profile == "demo":
+        return PipelineConfig()
+    if profile == "smoke":
+        return PipelineConfig(
+            tiny_model=TinyModelConfig(pretrain_max_samples=6_000, pretrain_steps=200, pretrain_batch_size=32),
+            train=TrainConfig(max_steps=30, batch_size=16, eval_steps=10, max_eval_samples=64),
+            eval=EvalConfig(max_samples=200, batch_size=100),
+            demo_data=DemoDataConfig(max_finetune_samples=600, max_test_samples=300),
+        )
+    raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+
+
+def with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """Replace the fields given (None means keep), refusing names the config does not have."""
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"{type(config).__name__} has no field(s) {unknown}; fields are {sorted(names)}")
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,85 @@
+"""Shared shapes: the drop layout, the columns of each stage's tables, and the quarantine reasons."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow as pa
+
+ANNOTATIONS_FILE = "annotations.jsonl"
+READY_MARKER = "_READY"
+SPLITS = ("train", "validation", "test")
+Split = Literal["train", "validation", "test"]
+
+RAW_SAMPLES_FILE = "raw_samples.parquet"
+CLEAN_SAMPLES_FILE = "clean_samples.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+
+# Quarantine reasons, one per rule, so the counts per reason say what went wrong with a drop.
+INVALID_UTF8 = "invalid_utf8"
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_FIELD = "missing_field"
+INVALID_FIELD = "invalid_field"
+INVALID_SPLIT = "invalid_split"
+PATH_OUTSIDE_DROP = "path_outside_drop"
+IMAGE_MISSING = "image_missing"
+IMAGE_UNREADABLE = "image_unreadable"
+IMAGE_TOO_SMALL = "image_too_small"
+DECOMPRESSION_BOMB = "decompression_bomb"
+EMPTY_QUESTION = "empty_question"
+EMPTY_ANSWER = "empty_answer"
+CONTROL_CHARACTERS = "control_characters"
+DUPLICATE = "duplicate"
+SPLIT_CONFLICT = "split_conflict"
+TOO_LONG = "too_long"
+TEST_LEAKAGE = "test_leakage"
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("drop", pa.string()),
+        ("line", pa.int64()),
+        ("image", pa.string()),
+        ("image_sha256", pa.string()),
+        ("image_size_bytes", pa.int64()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("split", pa.string()),
+        ("answer_type", pa.string()),
+        ("question_type", pa.string()),
+        ("record", pa.string()),
+    ]
+)
+
+CLEAN_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("drop", pa.string()),
+        ("line", pa.int64()),
+        ("image", pa.string()),
+        ("image_sha256", pa.string()),
+        ("image_bytes", pa.binary()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("answer_raw", pa.string()),
+        ("split", pa.string()),
+        ("split_source", pa.string()),
+        ("answer_type", pa.string()),
+        ("question_type", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("drop", pa.string()),
+        ("file", pa.string()),
+        ("line", pa.int64()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("record", pa.string()),
+    ]
+)

@@ -1,0 +1,194 @@
+"""Base models: the tiny offline default built from a config, and any Hugging Face VLM by id or path.
+
+The tiny default is a real LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower, projector,
+Llama language model) with a byte-level tokenizer, so everything downstream of it (processor,
+chat template, PEFT, `AutoModelForImageTextToText.from_pretrained`) is the same code a real
+model goes through.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmtune.config import TINY_MODEL_ID, TinyModelConfig
+
+IMAGE_TOKEN = "<image>"
+# The tiny model's conversation format, kept short because every byte is a token.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{{ '\\n' }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Where the base weights come from: a hub id or local path with its revision, or a built folder."""
+
+    model_id: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    weights_dir: str | None = None  # set when the pipeline built the weights itself (the tiny default)
+
+    @property
+    def load_path(self) -> str:
+        return self.weights_dir or self.model_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+            "weights_dir": self.weights_dir,
+        }
+
+
+def is_tiny_default(model_id: str) -> bool:
+    return model_id == TINY_MODEL_ID
+
+
+def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        ref.load_path,
+        revision=None if ref.weights_dir else ref.revision,
+        trust_remote_code=ref.trust_remote_code,
+        dtype=dtype,
+    )
+
+
+def load_processor(path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code)
+
+
+def build_tiny_vlm(config: TinyModelConfig):
+    """A randomly initialised tiny LLaVA and its processor, from config alone (nothing downloaded)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    processor = build_tiny_processor(config)
+    tokenizer = processor.tokenizer
+    model_config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=config.vision_hidden,
+            intermediate_size=4 * config.vision_hidden,
+            num_hidden_layers=config.vision_layers,
+            num_attention_heads=config.heads,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_hidden,
+            intermediate_size=4 * config.text_hidden,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.heads,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(config.image_size // config.patch_size) ** 2,
+        vision_feature_layer=-1,  # with two vision layers the last one is the useful one
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(config.seed)
+    model = LlavaForConditionalGeneration(model_config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, processor
+
+
+def build_tiny_processor(config: TinyModelConfig):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    # Byte-level: every UTF-8 byte is one token, so any text is representable and nothing is learned.
+    specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
+    vocab = {token: index for index, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=512,
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": config.image_size},
+        crop_size={"height": config.image_size, "width": config.image_size},
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped again by the "default" strategy
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+
+
+def language_model_prefix(model: nn.Module) -> str:
+    """The dotted name of the language-model submodule, found structurally (works across VLM families)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None:
+        for name, module in model.named_modules():
+            if module is decoder:
+                return name
+    raise ValueError(f"cannot find the language model inside {type(model).__name__}")
+
+
+def lora_target_regex(model: nn.Module) -> str:
+    """A PEFT `target_modules` regex for every linear layer of the language model, excluding lm_head."""
+    prefix = language_model_prefix(model)
+    leaf_names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(prefix + ".")
+        }
+    )
+    if not leaf_names:
+        raise ValueError(f"no linear layers under {prefix!r}")
+    return rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaf_names))})"
+
+
+def projector_module_name(model: nn.Module) -> str | None:
+    for name, _ in model.named_children():
+        if "projector" in name:
+            return name
+    inner = getattr(model, "model", None)
+    if inner is not None:
+        for name, _ in inner.named_children():
+            if "projector" in name:
+                return name
+    return None
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

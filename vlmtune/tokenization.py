@@ -1,0 +1,167 @@
+"""Stage 3: turn clean samples into an Arrow dataset of token ids with prompt-masked labels.
+
+Each drop is tokenized once into its own shard (keyed by the drop's clean version and the
+processor), and the train / validation / test splits are assembled from shards, so a new drop
+costs only its own tokenization. Images stay encoded bytes (`datasets.Image`); pixels are made
+in the collator, so the dataset stays near the size of its source images.
+
+The processor expands the image placeholder into the model's image tokens, so the prompt length
+is measured after expansion. A sample over `max_length` is quarantined with its length rather
+than truncated: cutting image tokens breaks the model's input and cutting the answer trains on
+nothing (TRL #5904, LLaMA-Factory #7363).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from vlmtune import formats
+from vlmtune.config import TokenizeConfig
+from vlmtune.quarantine import QuarantineLog
+
+IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy skips
+TOKENIZED_FEATURES = datasets.Features(
+    {
+        "sample_id": datasets.Value("string"),
+        "drop": datasets.Value("string"),
+        "split": datasets.Value("string"),
+        "image_sha256": datasets.Value("string"),
+        "image": datasets.Image(),
+        "question": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "answer_type": datasets.Value("string"),
+        "question_type": datasets.Value("string"),
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "prompt_length": datasets.Value("int32"),
+    }
+)
+
+
+def tokenize_drop(clean_dir: Path, processor, out_dir: Path, config: TokenizeConfig) -> dict[str, Any]:
+    """Tokenize one drop's clean samples into an Arrow shard at `out_dir/shard`; return counts."""
+    table = pq.read_table(Path(clean_dir) / formats.CLEAN_SAMPLES_FILE)
+    rows = table.to_pylist()
+    quarantine = QuarantineLog(stage="tokenized_dataset")
+    encoded = []
+    batch_size = 256
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        for row, example in zip(batch, encode_batch(processor, [r["question"] for r in batch], [r["answer"] for r in batch], [r["image_bytes"] for r in batch])):
+            if len(example["input_ids"]) > config.max_length:
+                quarantine.add(
+                    drop=row["drop"], file=formats.CLEAN_SAMPLES_FILE, line=row["line"], reason=formats.TOO_LONG,
+                    detail=f"{len(example['input_ids'])} tokens after the processor; budget {config.max_length}",
+                    record=row["sample_id"],
+                )
+                continue
+            encoded.append(
+                {
+                    "sample_id": row["sample_id"],
+                    "drop": row["drop"],
+                    "split": row["split"],
+                    "image_sha256": row["image_sha256"],
+                    "image": {"bytes": row["image_bytes"], "path": None},
+                    "question": row["question"],
+                    "answer": row["answer"],
+                    "answer_type": row["answer_type"],
+                    "question_type": row["question_type"],
+                    **example,
+                }
+            )
+    shard = datasets.Dataset.from_list(encoded, features=TOKENIZED_FEATURES) if encoded else _empty()
+    shard.save_to_disk(str(Path(out_dir) / "shard"))
+    quarantine.write(Path(out_dir) / formats.QUARANTINE_FILE)
+    return {
+        "n_in": len(rows),
+        "n_kept": len(encoded),
+        "n_quarantined": len(quarantine),
+        "quarantine_reasons": quarantine.counts(),
+        "n_tokens": sum(len(example["input_ids"]) for example in encoded),
+        "n_label_tokens": sum(sum(1 for label in example["labels"] if label != IGNORE_INDEX) for example in encoded),
+    }
+
+
+def assemble_splits(shard_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
+    """Concatenate drop shards into a train / validation / test `DatasetDict` saved at `out_dir/dataset`.
+
+    An image that is in the test split anywhere is removed from train and validation (quarantined as
+    `test_leakage`), so no image is ever both trained on and tested on.
+    """
+    shards = [datasets.load_from_disk(str(Path(path) / "shard")) for path in shard_dirs]
+    combined = datasets.concatenate_datasets(shards) if shards else _empty()
+    test_images = {sha for sha, split in zip(combined["image_sha256"], combined["split"]) if split == "test"}
+    quarantine = QuarantineLog(stage="tokenized_dataset")
+    keep = []
+    for index, (sha, split, sample_id, drop) in enumerate(zip(combined["image_sha256"], combined["split"], combined["sample_id"], combined["drop"])):
+        if split != "test" and sha in test_images:
+            quarantine.add(drop=drop, file=formats.CLEAN_SAMPLES_FILE, line=int(sample_id.rsplit(":", 1)[-1]), reason=formats.TEST_LEAKAGE, detail=f"image also in test, was {split}", record=sample_id)
+        else:
+            keep.append(index)
+    combined = combined.select(keep)
+    split_column = combined["split"]
+    dataset = datasets.DatasetDict(
+        {name: combined.select([i for i, split in enumerate(split_column) if split == name]) for name in formats.SPLITS}
+    )
+    dataset.save_to_disk(str(Path(out_dir) / "dataset"))
+    quarantine.write(Path(out_dir) / formats.QUARANTINE_FILE)
+    return {
+        "splits": {name: dataset[name].num_rows for name in formats.SPLITS},
+        "n_quarantined": len(quarantine),
+        "quarantine_reasons": quarantine.counts(),
+        "n_tokens": {name: int(sum(len(ids) for ids in dataset[name]["input_ids"])) for name in formats.SPLITS},
+    }
+
+
+def encode_batch(processor, questions: list[str], answers: list[str], images: list[bytes | Image.Image]) -> list[dict[str, Any]]:
+    """input_ids = processed prompt + answer + EOS; labels mask the prompt (and its image tokens) with -100."""
+    tokenizer = processor.tokenizer
+    pil_images = [_as_pil(image) for image in images]
+    prompts = [build_prompt(processor, question) for question in questions]
+    prompt_ids = processor(text=prompts, images=pil_images, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    examples = []
+    for prompt, answer in zip(prompt_ids, answer_ids):
+        prompt, target = list(prompt), list(answer) + [tokenizer.eos_token_id]
+        examples.append(
+            {
+                "input_ids": prompt + target,
+                "labels": [IGNORE_INDEX] * len(prompt) + target,
+                "prompt_length": len(prompt),
+            }
+        )
+    return examples
+
+
+def build_prompt(processor, question: str) -> str:
+    """The user turn (image + question) and the cue for the assistant's answer, in the model's own template."""
+    image_token = getattr(processor, "image_token", "<image>")
+    # A literal placeholder typed in a question must not become an image slot (LLaMA-Factory #7909).
+    safe_question = question.replace(image_token, image_token[0] + "\u200b" + image_token[1:])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": safe_question}]}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{image_token}{safe_question}\n"
+
+
+def _as_pil(image: bytes | Image.Image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image)).convert("RGB")
+
+
+def _empty() -> datasets.Dataset:
+    return datasets.Dataset.from_list([], features=TOKENIZED_FEATURES)
+
+
+def label_token_counts(dataset: datasets.Dataset) -> list[int]:
+    return [sum(1 for label in labels if label != IGNORE_INDEX) for labels in dataset["labels"]]
+
+
+def shard_table(shard_dir: Path) -> pa.Table:
+    return datasets.load_from_disk(str(Path(shard_dir) / "shard")).data.table

@@ -1,0 +1,176 @@
+"""Stage 4: LoRA (or full) fine-tuning with the Hugging Face `Trainer`.
+
+`train_adapter` is the entry point: it loads the base model, wraps every linear layer of its
+language model with LoRA (the vision tower stays frozen, the projector optionally trains in full),
+and fits it with validation loss, early stopping and checkpoints. Checkpoints live outside the
+published folder, so a killed run resumes from its last one. `fit` is shared with the tiny base
+model's pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmtune.collate import TrainingCollator
+from vlmtune.config import TrainConfig, as_dict
+from vlmtune.models import BaseModelRef, load_model, load_processor, lora_target_regex, parameter_counts, projector_module_name
+
+Log = Callable[[str], None]
+
+
+def train_adapter(
+    base: BaseModelRef,
+    processor_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train on `dataset_dir` (a saved DatasetDict) and save the adapter (or full model) with its processor."""
+    processor = load_processor(processor_dir)
+    splits = datasets.load_from_disk(str(dataset_dir))
+    model = load_model(base, dtype=torch.float32)  # fp32 master weights; bf16 autocast where the GPU has it
+    if config.method == "lora":
+        model = apply_lora(model, config)
+    summary = fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log)
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    (Path(out_dir) / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
+    (Path(out_dir) / "log_history.json").write_text(json.dumps(summary.pop("log_history")))
+    return {**summary, "base_model": base.to_dict(), "drops": sorted(set(splits["train"]["drop"]))}
+
+
+def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    projector = projector_module_name(model)
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_target_regex(model),
+        modules_to_save=[projector] if config.train_projector and projector else None,
+    )
+    return get_peft_model(model, lora_config)
+
+
+def fit(
+    model: nn.Module,
+    processor,
+    train_set: datasets.Dataset,
+    eval_set: datasets.Dataset,
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Run the Trainer; resume from the newest checkpoint in `checkpoint_dir` if a previous run was killed."""
+    if train_set.num_rows == 0:
+        raise ValueError("the training split is empty: no drop contributed train samples")
+    if config.max_train_samples is not None:
+        train_set = train_set.shuffle(seed=config.seed).select(range(min(config.max_train_samples, train_set.num_rows)))
+    eval_set = eval_set.shuffle(seed=config.seed).select(range(min(config.max_eval_samples, eval_set.num_rows)))
+    has_eval = eval_set.num_rows > 0
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=2,
+        # Reloading a full-model checkpoint in-process misses keys under transformers 5's renamed
+        # LLaVA layout, leaving the last weights in place silently; only adapters reload reliably.
+        load_best_model_at_end=has_eval and config.method == "lora",
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, min(10, config.eval_steps)),
+        report_to=[],
+        remove_unused_columns=False,  # the collator needs the image and prompt columns
+        bf16=use_bf16,
+        use_cpu=not torch.cuda.is_available(),
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        seed=config.seed,
+        data_seed=config.seed,
+        disable_tqdm=True,
+    )
+    callbacks = [ProgressLog(log, config.max_steps)]
+    if has_eval:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set if has_eval else None,
+        data_collator=TrainingCollator(processor),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressLog reports instead, to the caller's log
+    last_checkpoint = get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
+    resumed_from = int(last_checkpoint.rsplit("-", 1)[-1]) if last_checkpoint else 0
+    if last_checkpoint:
+        log(f"resuming from {last_checkpoint} (step {resumed_from})")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    seconds = time.time() - started
+    trainable, total = parameter_counts(model)
+    history = trainer.state.log_history
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    train_losses = [entry["loss"] for entry in history if "loss" in entry]
+    return {
+        "method": config.method,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "train_samples": train_set.num_rows,
+        "validation_samples": eval_set.num_rows,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "train_loss_mean": result.training_loss,
+        "best_eval_loss": min(eval_losses) if eval_losses else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "train_seconds": round(seconds, 2),
+        "samples_per_second": round(trainer.state.global_step * config.batch_size * config.gradient_accumulation_steps / max(seconds, 1e-9), 2),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "bf16": use_bf16,
+        "log_history": history,
+    }
+
+
+class ProgressLog(TrainerCallback):
+    """Streams step, loss, throughput and ETA to a log function (the Dagster log, or stdout)."""
+
+    def __init__(self, log: Log, max_steps: int):
+        self.log, self.max_steps, self.started = log, max_steps, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.start_step = time.time(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        done = state.global_step - self.start_step
+        elapsed = time.time() - self.started
+        rate = done / elapsed if elapsed > 0 and done > 0 else math.nan
+        eta = (self.max_steps - state.global_step) / rate if rate == rate and rate > 0 else math.nan
+        shown = {key: round(value, 4) for key, value in logs.items() if isinstance(value, float) and ("loss" in key or key == "learning_rate")}
+        self.log(f"step {state.global_step}/{self.max_steps} {shown} {rate:.2f} steps/s, ETA {eta:.0f}s")
