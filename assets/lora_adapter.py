@@ -1,11 +1,12 @@
+import json
+
 import dagster as dg
 
 from assets.results import materialize_result
-from resources import ArtifactStoreResource, PipelineSettings
-from vlmtune.artifacts import fingerprint
+from resources import ArtifactStoreResource, PipelineSettings, TrainingLauncher
+from vlmtune.artifacts import fingerprint, write_json
 from vlmtune.base_model import PROCESSOR_DIR, ref_from_summary
 from vlmtune.config import as_dict, with_overrides
-from vlmtune.train import train_adapter
 
 CODE_VERSION = "1"
 
@@ -14,6 +15,7 @@ class TrainOverrides(dg.Config):
     """Per-run changes to the profile's training settings; unset fields keep the profile's value."""
 
     method: str | None = None  # "lora" or "full"; validated by TrainConfig
+    init_from: str | None = None  # "fresh", or "previous" to continue from the current adapter
     lora_rank: int | None = None
     learning_rate: float | None = None
     max_steps: int | None = None
@@ -25,38 +27,48 @@ class TrainOverrides(dg.Config):
     deps=["tokenized_dataset", "base_model"], code_version=CODE_VERSION, group_name="model", kinds={"pytorch", "peft"}, pool="gpu"
 )
 def lora_adapter(
-    context: dg.AssetExecutionContext, config: TrainOverrides, artifacts: ArtifactStoreResource, settings: PipelineSettings
+    context: dg.AssetExecutionContext,
+    config: TrainOverrides,
+    artifacts: ArtifactStoreResource,
+    settings: PipelineSettings,
+    launcher: TrainingLauncher,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    """A PEFT LoRA adapter on every linear layer of the language model, with validation loss and early stopping."""
+    """A PEFT LoRA adapter on every linear layer of the language model, trained in its own process (Dagster Pipes)."""
     store = artifacts.store()
     base, data = store.require_current("base_model"), store.require_current("tokenized_dataset")
     train_config = with_overrides(settings.config().train, config.model_dump())
-    version = fingerprint("lora_adapter", CODE_VERSION, base.fingerprint, data.fingerprint, as_dict(train_config))
-    artifact = store.build(
-        "lora_adapter",
-        version,
-        lambda out: train_adapter(
-            ref_from_summary(base.summary, base.path),
-            base.path / PROCESSOR_DIR,
-            data.path / "dataset",
-            out,
-            train_config,
-            checkpoint_dir=store.work_dir("lora_adapter", version) / "checkpoints",
-            log=context.log.info,
-        ),
-        manifest={"config": as_dict(train_config), "base_model": base.fingerprint, "tokenized_dataset": data.fingerprint},
-    )
-    summary = artifact.summary
-    return materialize_result(
-        artifact,
-        method=summary["method"],
-        steps=summary["steps"],
-        resumed_from_step=summary["resumed_from_step"],
-        train_loss_last=summary["train_loss_last"],
-        best_eval_loss=summary["best_eval_loss"] if summary["best_eval_loss"] is not None else float("nan"),
-        trainable_params=summary["trainable_params"],
-        trainable_share=summary["trainable_share"],
-        train_seconds=summary["train_seconds"],
-        samples_per_second=summary["samples_per_second"],
-        drops=summary["drops"],
-    )
+    inputs = {"base_model": base.fingerprint, "tokenized_dataset": data.fingerprint, "drop_versions": data.summary["drop_versions"]}
+    current = store.current("lora_adapter")
+    warm_start = current if train_config.init_from == "previous" and current is not None else None
+    if warm_start and (warm_start.summary["inputs"], warm_start.summary["config"]) == (inputs, as_dict(train_config)):
+        return materialize_result(warm_start, **_reported(warm_start.summary))  # no new data to continue on
+    version = fingerprint("lora_adapter", CODE_VERSION, inputs, as_dict(train_config), warm_start.fingerprint if warm_start else None)
+    reported = {}
+    if store.find("lora_adapter", version) is None:
+        work = store.work_dir("lora_adapter", version)
+        write_json(work / "spec.json", {
+            "store_root": str(store.root), "version": version, "config": as_dict(train_config), "inputs": inputs,
+            "base": ref_from_summary(base.summary, base.path).to_dict(), "processor_dir": str(base.path / PROCESSOR_DIR),
+            "dataset_dir": str(data.path / "dataset"), "checkpoint_dir": str(work / "checkpoints"),
+            "warm_start_dir": str(warm_start.path) if warm_start else None,
+            "warm_start_from": warm_start.fingerprint if warm_start else None,
+        })
+        invocation = pipes_subprocess_client.run(
+            command=launcher.command("pipelines.train_worker"), context=context, extras={"spec": str(work / "spec.json")}
+        )
+        reported = dict(invocation.get_materialize_result().metadata)
+    artifact = store.find("lora_adapter", version)
+    if artifact is None:
+        raise RuntimeError(f"the training process exited without publishing adapter {version}; see its log above")
+    store.publish("lora_adapter", version)
+    return materialize_result(artifact, **{**_reported(artifact.summary), **reported})
+
+
+def _reported(summary: dict) -> dict:
+    keys = ("method", "steps", "resumed_from_step", "train_loss_last", "trainable_params", "trainable_share", "train_seconds", "drops")
+    return {key: summary[key] for key in keys if summary.get(key) is not None} | {
+        "best_eval_loss": summary["best_eval_loss"] if summary.get("best_eval_loss") is not None else float("nan"),
+        "trained_on": json.dumps(summary["inputs"]["drop_versions"]),
+        "warm_start_from": str(summary.get("warm_start_from")),
+    }

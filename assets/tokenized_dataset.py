@@ -35,7 +35,10 @@ def tokenized_dataset(
         reused += shard.cached
         shards.append(shard)
     version = fingerprint("tokenized_dataset", CODE_VERSION, [shard.fingerprint for shard in shards])
-    artifact = store.build("tokenized_dataset", version, lambda out: assemble_splits([shard.path for shard in shards], out))
+    drop_versions = {drop: clean.fingerprint for drop, clean in cleaned.items()}
+    artifact = store.build(
+        "tokenized_dataset", version, lambda out: {**assemble_splits([shard.path for shard in shards], out), "drop_versions": drop_versions}
+    )
     summary = artifact.summary
     context.log.info(f"{len(shards)} drop shards, {reused} reused without re-tokenizing")
     return materialize_result(

@@ -13,8 +13,10 @@ from assets.merged_model import merged_model
 from assets.raw_samples import raw_samples
 from assets.tokenized_dataset import tokenized_dataset
 from pipelines.checks import beats_blind_baseline, clean_counts_conserved, merged_matches_adapter, tokenized_dataset_sound
-from pipelines.jobs import ingest_job, train_job
-from resources import ArtifactStoreResource, BaseModelResource, DropsResource, PipelineSettings
+from pipelines.jobs import build_jobs
+from pipelines.schedules import build_retraining_schedule
+from pipelines.sensors import build_new_drops_sensor
+from resources import ArtifactStoreResource, BaseModelResource, DropsResource, PipelineSettings, TrainingLauncher
 from vlmtune.config import TINY_MODEL_ID
 
 ASSETS = [raw_samples, clean_samples, base_model, tokenized_dataset, lora_adapter, evaluation_report, merged_model]
@@ -22,21 +24,47 @@ CHECKS = [clean_counts_conserved, tokenized_dataset_sound, beats_blind_baseline,
 
 
 def build_definitions(
-    profile: str | None = None, home: str | None = None, data_dir: str | None = None, model_id: str | None = None
+    profile: str | None = None,
+    home: str | None = None,
+    data_dir: str | None = None,
+    model_id: str | None = None,
+    retries: int | None = None,
+    automation: bool | None = None,
 ) -> dg.Definitions:
     """Definitions for one profile and set of folders; arguments default to the environment (see README)."""
-    data_root = Path(data_dir or os.environ.get("VQA_DATA_DIR", "data")).resolve()
+    env = os.environ.get
+    data_root = Path(data_dir or env("VQA_DATA_DIR", "data")).resolve()
+    ingest_job, train_job = build_jobs(retries if retries is not None else int(env("VQA_RETRIES", "1")))
+    automation = automation if automation is not None else env("VQA_AUTOMATION", "on") == "on"
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=CHECKS,
         jobs=[ingest_job, train_job],
+        sensors=[build_new_drops_sensor(ingest_job, dg.DefaultSensorStatus.RUNNING if automation else dg.DefaultSensorStatus.STOPPED)],
+        schedules=[
+            build_retraining_schedule(
+                train_job, env("VQA_RETRAIN_CRON", "0 2 * * *"),
+                dg.DefaultScheduleStatus.RUNNING if automation else dg.DefaultScheduleStatus.STOPPED,
+            )
+        ],
         resources={
-            "artifacts": ArtifactStoreResource(root=str(Path(home or os.environ.get("VQA_HOME", "artifacts")).resolve())),
+            "artifacts": ArtifactStoreResource(root=str(Path(home or env("VQA_HOME", "artifacts")).resolve())),
             "drops": DropsResource(root=str(data_root / "drops")),
-            "settings": PipelineSettings(profile=profile or os.environ.get("VQA_PROFILE", "demo")),
-            "base": BaseModelResource(model_id=model_id or os.environ.get("VQA_BASE_MODEL", TINY_MODEL_ID)),
+            "settings": PipelineSettings(profile=profile or env("VQA_PROFILE", "demo")),
+            "base": BaseModelResource(model_id=model_id or env("VQA_BASE_MODEL", TINY_MODEL_ID)),
+            "launcher": TrainingLauncher(),
+            "pipes_subprocess_client": dg.PipesSubprocessClient(),
         },
     )
+
+
+def ingest_drop_job() -> dg.JobDefinition:
+    """Re-importable handles on the jobs, built from the environment, for `dg.reconstructable`."""
+    return build_definitions().resolve_job_def("ingest_drop")
+
+
+def train_and_ship_job() -> dg.JobDefinition:
+    return build_definitions().resolve_job_def("train_and_ship")
 
 
 defs = build_definitions()

@@ -2,6 +2,7 @@
 
     vlmtune demo [--profile smoke|demo]   write the easy-VQA drops and materialize every asset
     vlmtune ingest PATH [--name NAME]     register one drop and materialize its raw and clean samples
+    vlmtune reexecute RUN_ID              re-run a failed run from its failed step; upstream results are reused
 
 Runs go into the persistent Dagster instance at $DAGSTER_HOME (default ./.dagster), so
 `dagster dev -w workspace.yaml` shows them afterwards.
@@ -27,10 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     ingest = commands.add_parser("ingest", help="add one drop folder and process its raw and clean samples")
     ingest.add_argument("path", type=Path)
     ingest.add_argument("--name", help="partition name (default: the folder's name)")
+    reexecute = commands.add_parser("reexecute", help="re-run a failed run from failure, as the UI's 'Re-execute from failure'")
+    reexecute.add_argument("run_id")
     args = parser.parse_args(argv)
     _default_environment()
     if args.command == "demo":
+        os.environ["VQA_PROFILE"] = args.profile
         return run_demo(args.profile)
+    if args.command == "reexecute":
+        return run_reexecute(args.run_id)
     return run_ingest(args.path, args.name)
 
 
@@ -44,12 +50,12 @@ def run_demo(profile: str) -> int:
         drops_dir, config.tiny_model.pretrain_fraction, config.demo_data.max_finetune_samples, config.demo_data.max_test_samples
     )
     print(f"[vlmtune] profile {profile}: drops {[d.name for d in drop_dirs]} under {drops_dir}")
-    defs, instance = _dagster(profile)
+    instance = _instance()
     _register_drops(instance, [d.name for d in drop_dirs])
     timings = {}
     for drop_dir in drop_dirs:
-        timings[f"ingest {drop_dir.name}"] = _execute(defs, instance, "ingest_drop", partition_key=drop_dir.name)
-    timings["train_and_ship"] = _execute(defs, instance, "train_and_ship")
+        timings[f"ingest {drop_dir.name}"] = _execute(instance, "ingest_drop", partition_key=drop_dir.name)
+    timings["train_and_ship"] = _execute(instance, "train_and_ship")
     _print_headline(timings, time.time() - started)
     return 0
 
@@ -68,9 +74,9 @@ def run_ingest(path: Path, name: str | None) -> int:
             return 2
         drops_dir.mkdir(parents=True, exist_ok=True)
         shutil.copytree(source, target, symlinks=True)  # links are copied as links and judged inside the drop
-    defs, instance = _dagster(os.environ.get("VQA_PROFILE", "demo"))
+    instance = _instance()
     _register_drops(instance, [name])
-    _execute(defs, instance, "ingest_drop", partition_key=name)
+    _execute(instance, "ingest_drop", partition_key=name)
     from vlmtune.artifacts import ArtifactStore
 
     summary = ArtifactStore(os.environ["VQA_HOME"]).require_current("clean_samples", name).summary
@@ -78,19 +84,55 @@ def run_ingest(path: Path, name: str | None) -> int:
     return 0
 
 
+def run_reexecute(run_id: str) -> int:
+    import dagster as dg
+
+    instance = _instance()
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        print(f"[vlmtune] no run {run_id} in {os.environ['DAGSTER_HOME']}", file=sys.stderr)
+        return 2
+    result = dg.execute_job(
+        _reconstructable(run.job_name), instance, reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance)
+    )
+    print(f"[vlmtune] re-execution {result.run_id} of {run.job_name}: {'succeeded' if result.success else 'failed'}")
+    return 0 if result.success else 1
+
+
+# The instance's defaults: one GPU-bound step at a time (the `gpu` pool), and no usage statistics.
+INSTANCE_YAML = """\
+concurrency:
+  pools:
+    default_limit: 1
+telemetry:
+  enabled: false
+"""
+
+
 def _default_environment() -> None:
     for variable, default in (("DAGSTER_HOME", ".dagster"), ("VQA_HOME", "artifacts"), ("VQA_DATA_DIR", "data")):
         path = Path(os.environ.get(variable) or default).resolve()
         path.mkdir(parents=True, exist_ok=True)
         os.environ[variable] = str(path)
+    instance_yaml = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
+    if not instance_yaml.exists():
+        instance_yaml.write_text(INSTANCE_YAML)
 
 
-def _dagster(profile: str):
+def _instance():
     import dagster as dg
 
-    from pipelines.definitions import build_definitions
+    return dg.DagsterInstance.get()
 
-    return build_definitions(profile=profile), dg.DagsterInstance.get()
+
+def _reconstructable(job_name: str):
+    """Jobs are run through a re-importable handle so the UI and `reexecute` can run them again."""
+    import dagster as dg
+
+    from pipelines import definitions
+
+    handles = {"ingest_drop": definitions.ingest_drop_job, "train_and_ship": definitions.train_and_ship_job}
+    return dg.reconstructable(handles[job_name])
 
 
 def _register_drops(instance, names: list[str]) -> None:
@@ -102,12 +144,18 @@ def _register_drops(instance, names: list[str]) -> None:
         instance.add_dynamic_partitions(drops_partitions.name, new)
 
 
-def _execute(defs, instance, job_name: str, partition_key: str | None = None) -> float:
+def _execute(instance, job_name: str, partition_key: str | None = None) -> float:
+    import dagster as dg
+
     started = time.time()
-    result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=False)
+    tags = {"dagster/partition": partition_key} if partition_key else None
+    result = dg.execute_job(_reconstructable(job_name), instance, tags=tags)
     if not result.success:
         failed = [event.step_key for event in result.all_events if event.is_step_failure]
-        raise SystemExit(f"[vlmtune] run {result.run_id} of {job_name} failed in {failed}; see `dagster dev -w workspace.yaml`")
+        raise SystemExit(
+            f"[vlmtune] run {result.run_id} of {job_name} failed in {failed}; "
+            f"fix the cause, then `vlmtune reexecute {result.run_id}` (or Re-execute from failure in the UI)"
+        )
     return time.time() - started
 
 

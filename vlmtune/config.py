@@ -51,6 +51,8 @@ class TinyModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     method: Literal["lora", "full"] = "lora"
+    # "previous": a retraining continues from the current adapter (warm start); "fresh": starts from the base.
+    init_from: Literal["fresh", "previous"] = "fresh"
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -71,6 +73,8 @@ class TrainConfig:
         problems = []
         if self.method not in ("lora", "full"):
             problems.append(f"method={self.method!r} (choose 'lora' or 'full')")
+        if self.init_from not in ("fresh", "previous"):
+            problems.append(f"init_from={self.init_from!r} (choose 'fresh' or 'previous')")
         for name in ("lora_rank", "max_steps", "batch_size", "gradient_accumulation_steps", "eval_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,6 @@ import datasets
 import torch
 from torch import nn
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.collate import TrainingCollator
 from vlmtune.config import TrainConfig, as_dict
@@ -37,12 +37,20 @@ def train_adapter(
     config: TrainConfig,
     checkpoint_dir: Path,
     log: Log = print,
+    warm_start_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train on `dataset_dir` (a saved DatasetDict) and save the adapter (or full model) with its processor."""
+    """Train on `dataset_dir` (a saved DatasetDict) and save the adapter (or full model) with its processor.
+
+    `warm_start_dir` continues from an earlier adapter (new data, new run); resuming a killed run
+    is separate and automatic, from the newest checkpoint in `checkpoint_dir`.
+    """
     processor = load_processor(processor_dir)
     splits = datasets.load_from_disk(str(dataset_dir))
     model = load_model(base, dtype=torch.float32)  # fp32 master weights; bf16 autocast where the GPU has it
-    if config.method == "lora":
+    if config.method == "lora" and warm_start_dir is not None:
+        model = load_warm_start(model, warm_start_dir)
+        log(f"warm start from the adapter in {warm_start_dir}")
+    elif config.method == "lora":
         model = apply_lora(model, config)
     summary = fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log)
     model.save_pretrained(str(out_dir))
@@ -64,6 +72,21 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         modules_to_save=[projector] if config.train_projector and projector else None,
     )
     return get_peft_model(model, lora_config)
+
+
+def load_warm_start(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Load a trainable adapter and verify every saved tensor landed in the model (none silently dropped)."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(model)
+    missing = sorted(set(saved) - set(loaded))
+    differing = sorted(key for key in set(saved) & set(loaded) if not torch.equal(saved[key], loaded[key].cpu()))
+    if missing or differing:
+        raise RuntimeError(f"warm start from {adapter_dir} did not load {len(missing) + len(differing)} tensors: {(missing + differing)[:5]}")
+    return model
 
 
 def fit(
@@ -114,7 +137,7 @@ def fit(
         disable_tqdm=True,
     )
     callbacks = [ProgressLog(log, config.max_steps)]
-    if has_eval:
+    if args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = Trainer(
         model=model,
@@ -125,7 +148,7 @@ def fit(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog reports instead, to the caller's log
-    last_checkpoint = get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
+    last_checkpoint = last_complete_checkpoint(Path(checkpoint_dir))
     resumed_from = int(last_checkpoint.rsplit("-", 1)[-1]) if last_checkpoint else 0
     if last_checkpoint:
         log(f"resuming from {last_checkpoint} (step {resumed_from})")
@@ -155,6 +178,25 @@ def fit(
         "bf16": use_bf16,
         "log_history": history,
     }
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing; partial ones from a killed run are removed.
+
+    The Trainer writes `trainer_state.json` last and not atomically, so a folder without it was cut off.
+    """
+    if not checkpoint_dir.is_dir():
+        return None
+    folders = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for folder in folders:
+        if (folder / "trainer_state.json").is_file():
+            return str(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 class ProgressLog(TrainerCallback):

@@ -1,0 +1,57 @@
+"""The training process that `lora_adapter` launches through Dagster Pipes (`python -m pipelines.train_worker`).
+
+Running training outside the Dagster run process means a crash or OOM kills only this process,
+its GPU memory is released when it exits, and it can be started with `accelerate launch`. Logs
+(step, loss, throughput, ETA) stream back into the Dagster run; the result comes back as
+materialization metadata.
+"""
+
+import json
+from pathlib import Path
+
+from dagster_pipes import open_dagster_pipes
+
+from vlmtune.artifacts import ArtifactStore
+from vlmtune.config import TrainConfig
+from vlmtune.models import BaseModelRef
+from vlmtune.train import train_adapter
+
+# The figures every adapter version reports; the asset shows exactly these.
+REPORTED = ("method", "steps", "resumed_from_step", "train_loss_last", "best_eval_loss", "trainable_params",
+            "trainable_share", "train_seconds", "samples_per_second", "drops", "device")
+
+
+def main() -> None:
+    with open_dagster_pipes() as pipes:
+        spec = json.loads(Path(pipes.get_extra("spec")).read_text())
+        store = ArtifactStore(spec["store_root"])
+        artifact = store.build(
+            "lora_adapter",
+            spec["version"],
+            lambda out: {
+                **train_adapter(
+                    BaseModelRef(**spec["base"]),
+                    Path(spec["processor_dir"]),
+                    Path(spec["dataset_dir"]),
+                    out,
+                    TrainConfig(**spec["config"]),
+                    checkpoint_dir=Path(spec["checkpoint_dir"]),
+                    log=pipes.log.info,
+                    warm_start_dir=Path(spec["warm_start_dir"]) if spec["warm_start_dir"] else None,
+                ),
+                # what this version was trained on, so retraining can tell whether anything is new
+                "inputs": spec["inputs"],
+                "config": spec["config"],
+                "warm_start_from": spec["warm_start_from"],
+            },
+            manifest={key: spec[key] for key in ("inputs", "config", "warm_start_from")},
+        )
+        summary = artifact.summary
+        pipes.report_asset_materialization(
+            metadata={key: summary[key] for key in REPORTED if summary.get(key) is not None},
+            data_version=artifact.fingerprint,
+        )
+
+
+if __name__ == "__main__":
+    main()
