@@ -1,20 +1,8 @@
-import json
-
 import dagster as dg
 
-from conftest import png_bytes
+from tests_support import write_drop
 from pipelines.definitions import build_definitions
 from vlmtune.drop_watch import WatchState, due_drops
-
-
-def write_drop(root, name, n=1, ready=False):
-    drop = root / name
-    (drop / "images").mkdir(parents=True, exist_ok=True)
-    (drop / "images" / "a.png").write_bytes(png_bytes())
-    (drop / "annotations.jsonl").write_text("".join(json.dumps({"image": "images/a.png", "question": f"q{i}?", "answer": "x"}) + "\n" for i in range(n)))
-    if ready:
-        (drop / "_READY").write_text("")
-    return drop
 
 
 def test_a_drop_is_taken_once_it_stops_changing(tmp_path):
