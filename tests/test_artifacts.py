@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from vlmtune.artifacts import ArtifactStore, fingerprint
@@ -42,3 +44,11 @@ def test_a_failed_build_leaves_the_previous_version_current_and_no_partial_folde
 def test_require_current_names_the_missing_asset(tmp_path):
     with pytest.raises(FileNotFoundError, match="lora_adapter"):
         ArtifactStore(tmp_path).require_current("lora_adapter")
+
+
+def test_every_manifest_records_code_and_library_versions(tmp_path):
+    artifact = ArtifactStore(tmp_path).build("stage", "fp", lambda out: {}, manifest={"config": {"lr": 0.1}})
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    assert manifest["config"] == {"lr": 0.1} and manifest["fingerprint"] == "fp"
+    assert manifest["libraries"]["torch"] and manifest["libraries"]["transformers"]
+    assert "git_commit" in manifest and manifest["python"]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmtune.provenance import provenance
+
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 _NO_PARTITION = "_all"
@@ -140,10 +142,9 @@ class ArtifactStore:
         *,
         partition: str | None = None,
         manifest: dict[str, Any] | None = None,
-        force: bool = False,
     ) -> Artifact:
         """Return the version `fp` of `asset`, building it with `build_fn(out_dir) -> summary` if missing."""
-        if not force and (hit := self.find(asset, fp, partition)) is not None:
+        if (hit := self.find(asset, fp, partition)) is not None:
             self.publish(asset, fp, partition)
             return hit
         started = time.time()
@@ -153,7 +154,7 @@ class ArtifactStore:
             write_json(out_dir / SUMMARY, summary)
             write_json(
                 out_dir / MANIFEST,
-                {"asset": asset, "partition": partition, "fingerprint": fp, "created_unix": time.time(), **(manifest or {})},
+                {"asset": asset, "partition": partition, "fingerprint": fp, "created_unix": time.time(), **provenance(), **(manifest or {})},
             )
         self.publish(asset, fp, partition)
         return Artifact(self.version_dir(asset, fp, partition), fp, summary, cached=False)
