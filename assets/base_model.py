@@ -7,7 +7,7 @@ from vlmtune.base_model import prepare_base_model
 from vlmtune.config import as_dict
 from vlmtune.models import is_tiny_default
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 
 @dg.asset(code_version=CODE_VERSION, group_name="model", kinds={"pytorch", "huggingface"}, pool="gpu")

@@ -52,7 +52,7 @@ def lora_adapter(
             "base": ref_from_summary(base.summary, base.path).to_dict(), "processor_dir": str(base.path / PROCESSOR_DIR),
             "dataset_dir": str(data.path / "dataset"), "checkpoint_dir": str(work / "checkpoints"),
             "warm_start_dir": str(warm_start.path) if warm_start else None,
-            "warm_start_from": warm_start.fingerprint if warm_start else None,
+            "warm_start_from": warm_start.fingerprint if warm_start else None, "pins": data.summary["pins"],
         })
         invocation = pipes_subprocess_client.run(
             command=launcher.command("pipelines.train_worker"), context=context, extras={"spec": str(work / "spec.json")}

@@ -9,7 +9,7 @@ from vlmtune.config import as_dict
 from vlmtune.models import load_processor
 from vlmtune.tokenization import assemble_splits, tokenize_drop
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 
 @dg.asset(deps=["clean_samples", "base_model"], code_version=CODE_VERSION, group_name="data", kinds={"arrow"})
@@ -28,16 +28,19 @@ def tokenized_dataset(
     processor = None
     shards, reused = [], 0
     for drop, clean in cleaned.items():
-        shard_version = fingerprint("tokenized_shard", CODE_VERSION, clean.fingerprint, base.summary["processor_sha256"], base.summary["chat_template_sha256"], as_dict(config))
+        shard_version = fingerprint("tokenized_shard", CODE_VERSION, clean.fingerprint, base.summary["pins"], as_dict(config))
         if store.find("tokenized_shard", shard_version, drop) is None and processor is None:
             processor = load_processor(base.path / PROCESSOR_DIR)
         shard = store.build("tokenized_shard", shard_version, lambda out, clean=clean: tokenize_drop(clean.path, processor, out, config), partition=drop)
         reused += shard.cached
         shards.append(shard)
-    version = fingerprint("tokenized_dataset", CODE_VERSION, [shard.fingerprint for shard in shards])
+    version = fingerprint("tokenized_dataset", CODE_VERSION, [shard.fingerprint for shard in shards], base.summary["pins"])
     drop_versions = {drop: clean.fingerprint for drop, clean in cleaned.items()}
     artifact = store.build(
-        "tokenized_dataset", version, lambda out: {**assemble_splits([shard.path for shard in shards], out), "drop_versions": drop_versions}
+        "tokenized_dataset",
+        version,
+        # the processor pins travel with the data: training, evaluation and merging must match them
+        lambda out: {**assemble_splits([shard.path for shard in shards], out), "drop_versions": drop_versions, "pins": base.summary["pins"]},
     )
     summary = artifact.summary
     context.log.info(f"{len(shards)} drop shards, {reused} reused without re-tokenizing")
@@ -50,6 +53,7 @@ def tokenized_dataset(
         shards_tokenized=len(shards) - reused,
         too_long=sum(shard.summary["quarantine_reasons"].get("too_long", 0) for shard in shards),
         quarantine_reasons=counts_table(summary["quarantine_reasons"]),
-        processor_sha256=base.summary["processor_sha256"],
+        chat_template_sha256=base.summary["pins"]["chat_template_sha256"],
+        image_processor_sha256=base.summary["pins"]["image_processor_sha256"],
         **{"dagster/row_count": sum(summary["splits"].values())},
     )

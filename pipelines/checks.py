@@ -10,7 +10,9 @@ from assets.tokenized_dataset import tokenized_dataset
 from pipelines.partitions import drops_partitions
 from resources import ArtifactStoreResource
 from vlmtune import formats
+from vlmtune.base_model import PROCESSOR_DIR
 from vlmtune.dataset_checks import tokenized_dataset_problems
+from vlmtune.models import load_processor
 
 
 @dg.asset_check(asset=clean_samples, description="Every record of every drop is kept or quarantined: n_in == n_kept + n_quarantined.")
@@ -28,11 +30,16 @@ def clean_counts_conserved(context: dg.AssetCheckExecutionContext, artifacts: Ar
     return dg.AssetCheckResult(passed=not broken and bool(per_drop), metadata={"drops_checked": len(per_drop), "broken": broken or "none"})
 
 
-@dg.asset_check(asset=tokenized_dataset, blocking=True, description="No image in both training and test; every training row has an answer token.")
+@dg.asset_check(
+    asset=tokenized_dataset,
+    blocking=True,
+    description="No image in both training and test; every row has answer tokens, and its labels are exactly the answer plus one end token.",
+)
 def tokenized_dataset_sound(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
-    data = artifacts.store().require_current("tokenized_dataset")
-    problems = tokenized_dataset_problems(data.path / "dataset")
-    passed = problems["images_shared_with_test"] == 0 and problems["rows_without_answer_tokens"] == 0
+    store = artifacts.store()
+    data, base = store.require_current("tokenized_dataset"), store.require_current("base_model")
+    problems = tokenized_dataset_problems(data.path / "dataset", load_processor(base.path / PROCESSOR_DIR))
+    passed = not (problems["images_shared_with_test"] or problems["rows_without_answer_tokens"] or problems["rows_with_wrong_targets"])
     return dg.AssetCheckResult(passed=passed, metadata=problems)
 
 

@@ -13,7 +13,8 @@ from dagster_pipes import open_dagster_pipes
 
 from vlmtune.artifacts import ArtifactStore
 from vlmtune.config import TrainConfig
-from vlmtune.models import BaseModelRef
+from vlmtune.models import BaseModelRef, load_processor
+from vlmtune.pinning import check_pins
 from vlmtune.train import train_adapter
 
 # The figures every adapter version reports; the asset shows exactly these.
@@ -25,6 +26,7 @@ def main() -> None:
     with open_dagster_pipes() as pipes:
         spec = json.loads(Path(pipes.get_extra("spec")).read_text())
         store = ArtifactStore(spec["store_root"])
+        check_pins(load_processor(spec["processor_dir"]), spec["pins"], "training")
         artifact = store.build(
             "lora_adapter",
             spec["version"],

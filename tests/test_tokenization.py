@@ -105,3 +105,17 @@ def test_generation_batch_left_pads_the_prompt_only(tiny_processor):
     gap = max(prompt_lengths) - prompt_lengths[0]
     assert not batch["attention_mask"][0, :gap].any() and batch["attention_mask"][0, gap:].all()
     assert batch["input_ids"][0, gap:].tolist() == rows[0]["input_ids"][: prompt_lengths[0]]
+
+
+def test_a_drop_with_nothing_kept_still_makes_a_loadable_shard(tiny_processor, tmp_path):
+    import datasets
+
+    clean = clean_parquet(tmp_path / "clean", ["x" * 300 + "?"])
+    out = tmp_path / "shard"
+    out.mkdir()
+    assert tokenize_drop(clean, tiny_processor, out, TokenizeConfig(max_length=64))["n_kept"] == 0
+    assert datasets.load_from_disk(str(out / "shard")).num_rows == 0
+    assembled = tmp_path / "assembled"
+    assembled.mkdir()
+    assert assemble_splits([out], assembled)["splits"] == {"train": 0, "validation": 0, "test": 0}
+    assert set(datasets.load_from_disk(str(assembled / "dataset"))) == {"train", "validation", "test"}

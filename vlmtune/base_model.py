@@ -18,6 +18,7 @@ from vlmtune.artifacts import sha256_file, sha256_tree
 from vlmtune.config import TinyModelConfig, TrainConfig
 from vlmtune.easyvqa import pretraining_samples
 from vlmtune.models import BaseModelRef, build_tiny_vlm, is_tiny_default, load_processor
+from vlmtune.pinning import processor_pins
 from vlmtune.tokenization import TOKENIZED_FEATURES, encode_batch
 from vlmtune.train import Log, fit
 
@@ -54,6 +55,7 @@ def prepare_base_model(
         "weights_sha256": weights_sha256,
         "processor_sha256": sha256_tree(out_dir / PROCESSOR_DIR),
         "chat_template_sha256": hashlib.sha256((getattr(processor, "chat_template", None) or "").encode()).hexdigest(),
+        "pins": processor_pins(processor),
         **summary,
     }
 

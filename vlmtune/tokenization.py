@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -77,7 +76,7 @@ def tokenize_drop(clean_dir: Path, processor, out_dir: Path, config: TokenizeCon
                 }
             )
     shard = datasets.Dataset.from_list(encoded, features=TOKENIZED_FEATURES) if encoded else _empty()
-    shard.save_to_disk(str(Path(out_dir) / "shard"))
+    save_dataset(shard, Path(out_dir) / "shard")
     quarantine.write(Path(out_dir) / formats.QUARANTINE_FILE)
     return {
         "n_in": len(rows),
@@ -110,7 +109,7 @@ def assemble_splits(shard_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
     dataset = datasets.DatasetDict(
         {name: combined.select([i for i, split in enumerate(split_column) if split == name]) for name in formats.SPLITS}
     )
-    dataset.save_to_disk(str(Path(out_dir) / "dataset"))
+    save_dataset(dataset, Path(out_dir) / "dataset")
     quarantine.write(Path(out_dir) / formats.QUARANTINE_FILE)
     return {
         "splits": {name: dataset[name].num_rows for name in formats.SPLITS},
@@ -155,13 +154,15 @@ def _as_pil(image: bytes | Image.Image) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image)).convert("RGB")
 
 
+def save_dataset(dataset: datasets.Dataset | datasets.DatasetDict, path: Path) -> None:
+    """`save_to_disk` that round-trips empty splits too: by default `datasets` writes no shard for them
+    and `load_from_disk` then fails."""
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset.save_to_disk(str(path), num_shards={name: 1 if split.num_rows == 0 else None for name, split in dataset.items()})
+    else:
+        dataset.save_to_disk(str(path), num_shards=1 if dataset.num_rows == 0 else None)
+
+
 def _empty() -> datasets.Dataset:
-    return datasets.Dataset.from_list([], features=TOKENIZED_FEATURES)
+    return datasets.Dataset.from_dict({name: [] for name in TOKENIZED_FEATURES}, features=TOKENIZED_FEATURES)
 
-
-def label_token_counts(dataset: datasets.Dataset) -> list[int]:
-    return [sum(1 for label in labels if label != IGNORE_INDEX) for labels in dataset["labels"]]
-
-
-def shard_table(shard_dir: Path) -> pa.Table:
-    return datasets.load_from_disk(str(Path(shard_dir) / "shard")).data.table
