@@ -5,11 +5,13 @@ import pyarrow.parquet as pq
 
 from assets.clean_samples import clean_samples
 from assets.evaluation_report import evaluation_report
+from assets.lora_adapter import lora_adapter
 from assets.merged_model import merged_model
 from assets.tokenized_dataset import tokenized_dataset
 from pipelines.partitions import drops_partitions
 from resources import ArtifactStoreResource
 from vlmtune import formats
+from vlmtune.adapter_checks import adapter_report
 from vlmtune.base_model import PROCESSOR_DIR
 from vlmtune.dataset_checks import tokenized_dataset_problems
 from vlmtune.models import load_processor
@@ -41,6 +43,24 @@ def tokenized_dataset_sound(artifacts: ArtifactStoreResource) -> dg.AssetCheckRe
     problems = tokenized_dataset_problems(data.path / "dataset", load_processor(base.path / PROCESSOR_DIR))
     passed = not (problems["images_shared_with_test"] or problems["rows_without_answer_tokens"] or problems["rows_with_wrong_targets"])
     return dg.AssetCheckResult(passed=passed, metadata=problems)
+
+
+@dg.asset_check(
+    asset=lora_adapter,
+    blocking=True,
+    description="Every LoRA layer moved from its initial value and every target pattern matched a module; adapted modules counted per component.",
+)
+def lora_really_trained(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
+    adapter = artifacts.store().require_current("lora_adapter")
+    if not (adapter.path / "adapter_config.json").is_file():
+        return dg.AssetCheckResult(passed=True, metadata={"method": "full fine-tuning: no adapter layers"})
+    report = adapter_report(adapter.path)
+    passed = report["n_lora_modules"] > 0 and not report["untrained_modules"] and not report["unmatched_target_patterns"]
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"n_lora_modules": report["n_lora_modules"], "per_component": report["per_component"],
+                  "untrained_modules": report["untrained_modules"][:20], "unmatched_target_patterns": report["unmatched_target_patterns"]},
+    )
 
 
 @dg.asset_check(asset=evaluation_report, blocking=True, description="The adapter beats the blind (question-only) baseline; otherwise it is not merged.")

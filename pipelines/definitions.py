@@ -12,7 +12,13 @@ from assets.lora_adapter import lora_adapter
 from assets.merged_model import merged_model
 from assets.raw_samples import raw_samples
 from assets.tokenized_dataset import tokenized_dataset
-from pipelines.checks import beats_blind_baseline, clean_counts_conserved, merged_matches_adapter, tokenized_dataset_sound
+from pipelines.checks import (
+    beats_blind_baseline,
+    clean_counts_conserved,
+    lora_really_trained,
+    merged_matches_adapter,
+    tokenized_dataset_sound,
+)
 from pipelines.jobs import build_jobs
 from pipelines.schedules import build_retraining_schedule
 from pipelines.sensors import build_new_drops_sensor
@@ -20,7 +26,7 @@ from resources import ArtifactStoreResource, BaseModelResource, DropsResource, P
 from vlmtune.config import TINY_MODEL_ID
 
 ASSETS = [raw_samples, clean_samples, base_model, tokenized_dataset, lora_adapter, evaluation_report, merged_model]
-CHECKS = [clean_counts_conserved, tokenized_dataset_sound, beats_blind_baseline, merged_matches_adapter]
+CHECKS = [clean_counts_conserved, tokenized_dataset_sound, lora_really_trained, beats_blind_baseline, merged_matches_adapter]
 
 
 def build_definitions(
