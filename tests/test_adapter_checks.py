@@ -42,3 +42,21 @@ def test_a_target_pattern_that_matched_nothing_is_named(tmp_path):
     config["target_modules"] = ["q_proj", "query_key_value"]  # the second exists only in CogVLM
     (path / "adapter_config.json").write_text(json.dumps(config))
     assert adapter_report(path)["unmatched_target_patterns"] == ["query_key_value"]
+
+
+def test_a_warm_start_loads_every_saved_tensor_or_fails(tmp_path):
+    import pytest
+
+    from vlmtune.train import load_warm_start
+
+    path = saved_adapter(tmp_path)
+    model, _ = build_tiny_vlm(TinyModelConfig())
+    warm = load_warm_start(model, path)
+    assert any(p.requires_grad for n, p in warm.named_parameters() if "lora_" in n), "a warm start keeps training"
+
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    key = sorted(weights)[0]
+    weights[key.replace("layers.0.", "layers.7.")] = weights.pop(key)  # a layer this model does not have
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="did not load"):
+        load_warm_start(build_tiny_vlm(TinyModelConfig())[0], path)
