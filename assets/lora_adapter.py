@@ -55,7 +55,7 @@ def lora_adapter(
             "warm_start_from": warm_start.fingerprint if warm_start else None, "pins": data.summary["pins"],
         })
         invocation = pipes_subprocess_client.run(
-            command=launcher.command("pipelines.train_worker"), context=context, extras={"spec": str(work / "spec.json")}
+            command=[*launcher.command("pipelines.train_worker"), str(work / "spec.json")], context=context
         )
         reported = dict(invocation.get_materialize_result().metadata)
     artifact = store.find("lora_adapter", version)

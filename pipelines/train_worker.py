@@ -1,4 +1,4 @@
-"""The training process that `lora_adapter` launches through Dagster Pipes (`python -m pipelines.train_worker`).
+"""The training process that `lora_adapter` launches through Dagster Pipes (`python -m pipelines.train_worker SPEC`).
 
 Running training outside the Dagster run process means a crash or OOM kills only this process,
 its GPU memory is released when it exits, and it can be started with `accelerate launch`. Logs
@@ -7,9 +7,12 @@ materialization metadata.
 """
 
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
-from dagster_pipes import open_dagster_pipes
+from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
 from vlmtune.artifacts import ArtifactStore
 from vlmtune.config import TrainConfig
@@ -23,36 +26,49 @@ REPORTED = ("method", "steps", "resumed_from_step", "train_loss_last", "best_eva
 
 
 def main() -> None:
-    with open_dagster_pipes() as pipes:
-        spec = json.loads(Path(pipes.get_extra("spec")).read_text())
-        store = ArtifactStore(spec["store_root"])
-        check_pins(load_processor(spec["processor_dir"]), spec["pins"], "training")
-        artifact = store.build(
-            "lora_adapter",
-            spec["version"],
-            lambda out: {
-                **train_adapter(
-                    BaseModelRef(**spec["base"]),
-                    Path(spec["processor_dir"]),
-                    Path(spec["dataset_dir"]),
-                    out,
-                    TrainConfig(**spec["config"]),
-                    checkpoint_dir=Path(spec["checkpoint_dir"]),
-                    log=pipes.log.info,
-                    warm_start_dir=Path(spec["warm_start_dir"]) if spec["warm_start_dir"] else None,
-                ),
-                # what this version was trained on, so retraining can tell whether anything is new
-                "inputs": spec["inputs"],
-                "config": spec["config"],
-                "warm_start_from": spec["warm_start_from"],
-            },
-            manifest={key: spec[key] for key in ("inputs", "config", "warm_start_from")},
-        )
-        summary = artifact.summary
-        pipes.report_asset_materialization(
-            metadata={key: summary[key] for key in REPORTED if summary.get(key) is not None},
-            data_version=artifact.fingerprint,
-        )
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under `accelerate launch` every rank trains (the Trainer keeps them in step); rank 0 alone publishes and reports.
+        _train(spec, Path(tempfile.mkdtemp(prefix="vlmtune-rank-")), log=lambda message: None)
+        return
+    if PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        with open_dagster_pipes() as pipes:
+            summary, version = _train_and_publish(spec, pipes.log.info)
+            pipes.report_asset_materialization(
+                metadata={key: summary[key] for key in REPORTED if summary.get(key) is not None}, data_version=version
+            )
+    else:  # started by hand or by a test: same work, logs to stdout
+        _train_and_publish(spec, print)
+
+
+def _train_and_publish(spec: dict, log) -> tuple[dict, str]:
+    check_pins(load_processor(spec["processor_dir"]), spec["pins"], "training")
+    artifact = ArtifactStore(spec["store_root"]).build(
+        "lora_adapter",
+        spec["version"],
+        lambda out: {
+            **_train(spec, out, log),
+            # what this version was trained on, so retraining can tell whether anything is new
+            "inputs": spec["inputs"],
+            "config": spec["config"],
+            "warm_start_from": spec["warm_start_from"],
+        },
+        manifest={key: spec[key] for key in ("inputs", "config", "warm_start_from", "pins")},
+    )
+    return artifact.summary, artifact.fingerprint
+
+
+def _train(spec: dict, out: Path, log) -> dict:
+    return train_adapter(
+        BaseModelRef(**spec["base"]),
+        Path(spec["processor_dir"]),
+        Path(spec["dataset_dir"]),
+        out,
+        TrainConfig(**spec["config"]),
+        checkpoint_dir=Path(spec["checkpoint_dir"]),
+        log=log,
+        warm_start_dir=Path(spec["warm_start_dir"]) if spec["warm_start_dir"] else None,
+    )
 
 
 if __name__ == "__main__":
