@@ -13,12 +13,20 @@ class TrainingLauncher(dg.ConfigurableResource):
     machine_rank: int = Field(default=0, description="This host's rank when num_machines > 1.")
     main_process_ip: str | None = Field(default=None, description="Address of the rank-0 host when num_machines > 1.")
     main_process_port: int = Field(default=29500, description="Rendezvous port on the rank-0 host.")
+    sharding: str = Field(
+        default="ddp", description="`ddp`: a full replica per GPU (models that fit one GPU); `fsdp`: parameters sharded across GPUs."
+    )
 
     def command(self, module: str) -> list[str]:
         if not self.use_accelerate and self.num_processes == 1 and self.num_machines == 1:
             return [sys.executable, "-m", module]
+        if self.sharding not in ("ddp", "fsdp"):
+            raise ValueError(f"sharding={self.sharding!r}: choose 'ddp' or 'fsdp'")
+        # accelerate's multi-GPU mode falls back to gloo processes on a machine without GPUs, so the
+        # same launch line is tested on CPU in CI.
+        mode = ["--multi_gpu"] if self.sharding == "ddp" else ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD"]
         launch = [
-            sys.executable, "-m", "accelerate.commands.launch",
+            sys.executable, "-m", "accelerate.commands.launch", *mode,
             "--num_processes", str(self.num_processes),
             "--num_machines", str(self.num_machines),
             "--machine_rank", str(self.machine_rank),

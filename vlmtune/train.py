@@ -175,6 +175,7 @@ def fit(
         "train_seconds": round(seconds, 2),
         "samples_per_second": round(trainer.state.global_step * config.batch_size * config.gradient_accumulation_steps / max(seconds, 1e-9), 2),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "world_size": args.world_size,  # processes that trained together (accelerate launch / torchrun)
         "bf16": use_bf16,
         "log_history": history,
     }

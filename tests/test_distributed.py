@@ -1,0 +1,74 @@
+"""The multi-process training path on CPU: two gloo processes through the launcher, then a resume on one."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image
+
+from resources import TrainingLauncher
+from vlmtune.config import TinyModelConfig, TrainConfig, as_dict
+from vlmtune.models import BaseModelRef, build_tiny_vlm
+from vlmtune.pinning import processor_pins
+from vlmtune.tokenization import TOKENIZED_FEATURES, encode_batch, save_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (i * 20 % 255, 80, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def spec(tmp_path):
+    model, processor = build_tiny_vlm(TinyModelConfig(vision_hidden=32, text_hidden=32, heads=2))
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+
+    def rows(split, n):
+        examples = encode_batch(processor, [f"q{i}?" for i in range(n)], ["red"] * n, [png(i) for i in range(n)])
+        return [{"sample_id": f"{split}:{i}", "drop": "d", "split": split, "image_sha256": f"{split}{i}",
+                 "image": {"bytes": png(i), "path": None}, "question": f"q{i}?", "answer": "red", "answer_type": "other",
+                 "question_type": "q", **example} for i, example in enumerate(examples)]
+
+    splits = {name: datasets.Dataset.from_list(rows(name, n), features=TOKENIZED_FEATURES) for name, n in (("train", 32), ("validation", 8), ("test", 4))}
+    save_dataset(datasets.DatasetDict(splits), tmp_path / "dataset")
+
+    def write(version: str, max_steps: int) -> Path:
+        path = tmp_path / f"{version}.json"
+        path.write_text(json.dumps({
+            "store_root": str(tmp_path / "store"), "version": version, "inputs": {"drop_versions": {}},
+            "config": as_dict(TrainConfig(max_steps=max_steps, eval_steps=2, batch_size=4)),
+            "base": BaseModelRef("tiny", weights_dir=str(tmp_path / "base")).to_dict(), "processor_dir": str(tmp_path / "base"),
+            "dataset_dir": str(tmp_path / "dataset"), "checkpoint_dir": str(tmp_path / "checkpoints"),
+            "warm_start_dir": None, "warm_start_from": None, "pins": processor_pins(processor),
+        }))
+        return path
+
+    return tmp_path, write
+
+
+def summary(root: Path, version: str) -> dict:
+    return json.loads((root / "store" / "lora_adapter" / "_all" / version / "summary.json").read_text())
+
+
+def test_two_processes_train_together_and_a_single_process_resumes_their_checkpoint(spec):
+    root, write = spec
+    two = TrainingLauncher(num_processes=2).command("pipelines.train_worker")
+    assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2"
+    subprocess.run([*two, str(write("v1", 4))], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    first = summary(root, "v1")
+    assert first["world_size"] == 2 and first["steps"] == 4
+
+    one = TrainingLauncher().command("pipelines.train_worker")
+    assert one == [sys.executable, "-m", "pipelines.train_worker"]
+    subprocess.run([*one, str(write("v2", 6))], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    resumed = summary(root, "v2")
+    assert resumed["world_size"] == 1 and resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
+    assert (root / "store" / "lora_adapter" / "_all" / "v2" / "adapter_model.safetensors").is_file()
