@@ -14,9 +14,15 @@ CODE_VERSION = "1"
 class TrainOverrides(dg.Config):
     """Per-run changes to the profile's training settings; unset fields keep the profile's value."""
 
-    method: str | None = None  # "lora" or "full"; validated by TrainConfig
+    method: str | None = None  # "lora", "qlora" (CUDA only) or "full"; validated by TrainConfig
     init_from: str | None = None  # "fresh", or "previous" to continue from the current adapter
     lora_rank: int | None = None
+    use_dora: bool | None = None
+    use_rslora: bool | None = None
+    target_modules: list[str] | None = None  # module-name suffixes (q_proj, ...); default: every linear layer of the language model
+    lora_on_vision: bool | None = None
+    train_projector: bool | None = None
+    gradient_checkpointing: bool | None = None
     learning_rate: float | None = None
     max_steps: int | None = None
     batch_size: int | None = None

@@ -91,6 +91,7 @@ def _pretrain_tiny(tiny: TinyModelConfig, weights_dir: Path, checkpoint_dir: Pat
         eval_steps=max(1, tiny.pretrain_steps // 4),
         max_eval_samples=512,
         early_stopping_patience=10**6,  # a fixed pretraining budget; early stopping is the fine-tuning's concern
+        gradient_checkpointing=False,  # a 2-layer model's activations are small; recomputing them only costs time
         seed=tiny.seed,
     )
     log(f"pretraining the tiny base on {train_set.num_rows} easy-VQA questions for {tiny.pretrain_steps} steps")

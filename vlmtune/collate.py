@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlmtune import families
 from vlmtune.tokenization import IGNORE_INDEX
 
 
@@ -18,7 +19,7 @@ class TrainingCollator:
     """Rows of the tokenized dataset -> model inputs with labels; padding is masked out of the loss."""
 
     def __init__(self, processor):
-        self.image_processor = processor.image_processor
+        self.processor = processor
         self.pad_token_id = pad_token_id(processor)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -31,7 +32,14 @@ class TrainingCollator:
             input_ids[i, :n] = torch.as_tensor(row["input_ids"])
             labels[i, :n] = torch.as_tensor(row["labels"])
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **pixel_inputs(self.image_processor, rows)}
+        prompt_lengths = [row["prompt_length"] for row in rows]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            **token_type_inputs(self.processor, input_ids, prompt_lengths, left_padded=False),
+            **pixel_inputs(self.processor.image_processor, rows),
+        }
 
 
 def generation_batch(processor, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -43,13 +51,38 @@ def generation_batch(processor, rows: list[dict[str, Any]]) -> dict[str, torch.T
     for i, prompt in enumerate(prompts):
         input_ids[i, longest - len(prompt) :] = torch.as_tensor(prompt)
         attention_mask[i, longest - len(prompt) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **pixel_inputs(processor.image_processor, rows)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        **token_type_inputs(processor, input_ids, [len(prompt) for prompt in prompts], left_padded=True),
+        **pixel_inputs(processor.image_processor, rows),
+    }
 
 
 def pixel_inputs(image_processor, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Run the image processor on the batch's images (every key it returns: pixel_values, grids, sizes)."""
-    images = [_rgb(row["image"]) for row in rows]
+    # One list per row: image-splitting processors (Idefics3, SmolVLM) read a flat list as one sample's images.
+    images = [[_rgb(row["image"])] for row in rows]
     return dict(image_processor(images=images, return_tensors="pt"))
+
+
+def token_type_inputs(processor, input_ids: torch.Tensor, prompt_lengths: list[int], left_padded: bool) -> dict[str, torch.Tensor]:
+    """The per-token type ids some families need beside input_ids.
+
+    PaliGemma: `token_type_ids` 0 on the prefix (image + prompt, attended bidirectionally) and 1 on the
+    answer and padding (causal). Qwen2-VL / Qwen2.5-VL / GLM-4V: `mm_token_type_ids` marking image
+    tokens, from which their multimodal RoPE positions are computed.
+    """
+    extra = {}
+    if families.family_of_processor(processor).prompt_style == "prefix_suffix":
+        token_type_ids = torch.ones_like(input_ids)
+        for i, n_prompt in enumerate(prompt_lengths):
+            start = input_ids.shape[1] - n_prompt if left_padded else 0
+            token_type_ids[i, start : start + n_prompt] = 0
+        extra["token_type_ids"] = token_type_ids
+    if getattr(processor, "return_mm_token_type_ids", False):
+        extra["mm_token_type_ids"] = torch.as_tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.long)
+    return extra
 
 
 def pad_token_id(processor) -> int:

@@ -48,15 +48,28 @@ class TinyModelConfig:
     seed: int = 0
 
 
+Method = Literal["lora", "qlora", "full"]
+METHODS: tuple[Method, ...] = ("lora", "qlora", "full")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    method: Literal["lora", "full"] = "lora"
+    # lora: bf16 base (fp32 on CPU) + LoRA; qlora: 4-bit NF4 base + LoRA (CUDA only); full: every weight, fp32 master copy.
+    method: Method = "lora"
     # "previous": a retraining continues from the current adapter (warm start); "fresh": starts from the base.
     init_from: Literal["fresh", "previous"] = "fresh"
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA): magnitude and direction trained apart
+    use_rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank, so high ranks still learn
+    # None: every linear layer of the language model (attention and MLP), per architecture (vlmtune.families).
+    # Otherwise PEFT's `target_modules`: a regex matched against full module names, or a list of name suffixes.
+    target_modules: str | tuple[str, ...] | None = None
+    lora_on_vision: bool = False  # also LoRA the vision tower's linear layers; it stays frozen otherwise
     train_projector: bool = False  # train the vision-language projector in full beside the LoRA layers
+    # Recompute activations in backward (non-reentrant): the difference between batch 16 fitting or not on one GPU.
+    gradient_checkpointing: bool = True
     learning_rate: float = 2e-3
     max_steps: int = 200
     batch_size: int = 32
@@ -71,8 +84,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.method not in ("lora", "full"):
-            problems.append(f"method={self.method!r} (choose 'lora' or 'full')")
+        if self.method not in METHODS:
+            problems.append(f"method={self.method!r} (choose one of {', '.join(map(repr, METHODS))})")
         if self.init_from not in ("fresh", "previous"):
             problems.append(f"init_from={self.init_from!r} (choose 'fresh' or 'previous')")
         for name in ("lora_rank", "max_steps", "batch_size", "gradient_accumulation_steps", "eval_steps"):
@@ -82,6 +95,16 @@ class TrainConfig:
             problems.append(f"learning_rate={self.learning_rate} (must be in (0, 1))")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout={self.lora_dropout} (must be in [0, 1))")
+        if self.method == "full":
+            adapter_only = [name for name in ("use_dora", "use_rslora", "lora_on_vision") if getattr(self, name)]
+            if self.target_modules is not None:
+                adapter_only.append("target_modules")
+            if adapter_only:
+                problems.append(f"{', '.join(adapter_only)} set with method='full' (they configure LoRA adapters)")
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))  # lists from Dagster / JSON config
+        if self.target_modules is not None and not self.target_modules:
+            problems.append("target_modules is empty (None picks every linear layer of the language model)")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
@@ -119,12 +142,13 @@ class PipelineConfig:
 
 def profile_config(profile: Profile) -> PipelineConfig:
     """`demo` is the full easy-VQA run (about 10 minutes on 2 CPU cores); `smoke` a small fast subset."""
+    # The tiny default's activations are small: recomputing them would only cost CPU time.
     if profile == "demo":
-        return PipelineConfig()
+        return PipelineConfig(train=TrainConfig(gradient_checkpointing=False))
     if profile == "smoke":
         return PipelineConfig(
             tiny_model=TinyModelConfig(pretrain_max_samples=6_000, pretrain_steps=200, pretrain_batch_size=32),
-            train=TrainConfig(max_steps=30, batch_size=16, eval_steps=10, max_eval_samples=64),
+            train=TrainConfig(max_steps=30, batch_size=16, eval_steps=10, max_eval_samples=64, gradient_checkpointing=False),
             eval=EvalConfig(max_samples=200, batch_size=100),
             demo_data=DemoDataConfig(max_finetune_samples=600, max_test_samples=300),
         )

@@ -8,6 +8,7 @@ import datasets
 import torch
 
 from vlmtune.collate import generation_batch, pad_token_id
+from vlmtune.families import answer_format
 
 
 @torch.inference_mode()
@@ -16,6 +17,8 @@ def greedy_answers(model, processor, rows: datasets.Dataset | list[dict[str, Any
     model.eval()
     device = next(model.parameters()).device
     tokenizer = processor.tokenizer
+    # Trained answers end with the template's end-of-turn token (Qwen2-VL's <|im_end|>), which may not be EOS.
+    stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(answer_format(processor).end_token)})
     answers, hit_limit = [], []
     for start in range(0, len(rows), batch_size):
         batch = _rows(rows, start, start + batch_size)
@@ -25,13 +28,14 @@ def greedy_answers(model, processor, rows: datasets.Dataset | list[dict[str, Any
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_token_id(processor),
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         for sequence in new_tokens.tolist():
-            stopped = tokenizer.eos_token_id in sequence
+            stop_at = next((index for index, token in enumerate(sequence) if token in stop_ids), None)
+            stopped = stop_at is not None
             if stopped:
-                sequence = sequence[: sequence.index(tokenizer.eos_token_id)]
+                sequence = sequence[:stop_at]
             answers.append(tokenizer.decode(sequence, skip_special_tokens=True).strip())
             hit_limit.append(not stopped)
     return answers, hit_limit

@@ -8,7 +8,6 @@ model goes through.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import torch
 from torch import nn
 
 from vlmtune.config import TINY_MODEL_ID, TinyModelConfig
+from vlmtune.families import check_remote_code_support
+from vlmtune.families import language_model_prefix, lora_target_regex, projector_module_names  # noqa: F401  (callers predating families.py)
 
 IMAGE_TOKEN = "<image>"
 # The tiny model's conversation format, kept short because every byte is a token.
@@ -57,14 +58,22 @@ def is_tiny_default(model_id: str) -> bool:
     return model_id == TINY_MODEL_ID
 
 
-def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from transformers import AutoModelForImageTextToText
+def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, quantization_config=None) -> nn.Module:
+    """The base model; remote-code families (CogVLM, CogAgent) only when `ref.trust_remote_code` is set."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(
+    revision = None if ref.weights_dir else ref.revision
+    config = AutoConfig.from_pretrained(ref.load_path, revision=revision, trust_remote_code=ref.trust_remote_code)
+    check_remote_code_support(config.model_type, ref.trust_remote_code)
+    # CogVLM's remote code registers itself only as a causal LM (its `auto_map` has no image-text-to-text entry).
+    auto_map = getattr(config, "auto_map", None) or {}
+    auto_class = AutoModelForCausalLM if "AutoModelForCausalLM" in auto_map and "AutoModelForImageTextToText" not in auto_map else AutoModelForImageTextToText
+    return auto_class.from_pretrained(
         ref.load_path,
-        revision=None if ref.weights_dir else ref.revision,
+        revision=revision,
         trust_remote_code=ref.trust_remote_code,
         dtype=dtype,
+        quantization_config=quantization_config,
     )
 
 
@@ -116,25 +125,10 @@ def build_tiny_vlm(config: TinyModelConfig):
 
 
 def build_tiny_processor(config: TinyModelConfig):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
-    # Byte-level: every UTF-8 byte is one token, so any text is representable and nothing is learned.
-    specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
-    vocab = {token: index for index, token in enumerate(specials)}
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        model_max_length=512,
+    tokenizer = byte_level_tokenizer(
+        ["<pad>", "<s>", "</s>", IMAGE_TOKEN], pad="<pad>", bos="<s>", eos="</s>", image_token=IMAGE_TOKEN
     )
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": config.image_size},
@@ -151,41 +145,30 @@ def build_tiny_processor(config: TinyModelConfig):
     )
 
 
-def language_model_prefix(model: nn.Module) -> str:
-    """The dotted name of the language-model submodule, found structurally (works across VLM families)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is not None:
-        for name, module in model.named_modules():
-            if module is decoder:
-                return name
-    raise ValueError(f"cannot find the language model inside {type(model).__name__}")
+def byte_level_tokenizer(specials: list[str], *, pad: str | None, bos: str | None, eos: str, **named_tokens: str):
+    """A fast tokenizer with no learned merges: each UTF-8 byte is one token, `specials` come first.
 
+    Any text is representable and nothing needs downloading; `named_tokens` (image_token=...) become
+    tokenizer attributes the way a hub processor's `extra_special_tokens` do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-def lora_target_regex(model: nn.Module) -> str:
-    """A PEFT `target_modules` regex for every linear layer of the language model, excluding lm_head."""
-    prefix = language_model_prefix(model)
-    leaf_names = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith(prefix + ".")
-        }
+    vocab = {token: index for index, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=pad,
+        bos_token=bos,
+        eos_token=eos,
+        extra_special_tokens=named_tokens,
+        model_max_length=512,  # only a warning threshold; the tokenize stage enforces its own budget
     )
-    if not leaf_names:
-        raise ValueError(f"no linear layers under {prefix!r}")
-    return rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, leaf_names))})"
-
-
-def projector_module_name(model: nn.Module) -> str | None:
-    for name, _ in model.named_children():
-        if "projector" in name:
-            return name
-    inner = getattr(model, "model", None)
-    if inner is not None:
-        for name, _ in inner.named_children():
-            if "projector" in name:
-                return name
-    return None
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import datasets
 import pyarrow.parquet as pq
 from PIL import Image
 
-from vlmtune import formats
+from vlmtune import families, formats
 from vlmtune.config import TokenizeConfig
 from vlmtune.quarantine import QuarantineLog
 
@@ -120,15 +120,21 @@ def assemble_splits(shard_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
 
 
 def encode_batch(processor, questions: list[str], answers: list[str], images: list[bytes | Image.Image]) -> list[dict[str, Any]]:
-    """input_ids = processed prompt + answer + EOS; labels mask the prompt (and its image tokens) with -100."""
+    """input_ids = processed prompt + answer + end-of-turn; labels mask the prompt (and its image tokens) with -100.
+
+    The end-of-turn token is the one the family's template closes an answer with (Qwen2-VL's
+    `<|im_end|>`, Idefics3's `<end_of_utterance>`), else EOS; exactly one is kept in the labels.
+    """
     tokenizer = processor.tokenizer
+    answer_format = families.answer_format(processor)
+    end_token_id = tokenizer.convert_tokens_to_ids(answer_format.end_token)
     pil_images = [_as_pil(image) for image in images]
     prompts = [build_prompt(processor, question) for question in questions]
-    prompt_ids = processor(text=prompts, images=pil_images, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    prompt_ids = _processed_prompt_ids(processor, prompts, pil_images)
     examples = []
-    for prompt, answer in zip(prompt_ids, answer_ids):
-        prompt, target = list(prompt), list(answer) + [tokenizer.eos_token_id]
+    for prompt_text, prompt, answer in zip(prompts, prompt_ids, answers):
+        prompt = list(prompt)
+        target = _answer_ids(tokenizer, _prompt_as_tokenized(processor, prompt_text), answer_format.prefix + answer) + [end_token_id]
         examples.append(
             {
                 "input_ids": prompt + target,
@@ -140,14 +146,60 @@ def encode_batch(processor, questions: list[str], answers: list[str], images: li
 
 
 def build_prompt(processor, question: str) -> str:
-    """The user turn (image + question) and the cue for the assistant's answer, in the model's own template."""
+    """The user turn (image + question) and the cue for the assistant's answer, in the model's own format.
+
+    Chat-template families render `{"type": "image"}` + text parts through the processor's template,
+    prefixed with the special tokens the tokenizer would add itself (LLaVA-1.5's `<s>`), since the
+    processor is then called with `add_special_tokens=False`. PaliGemma has no template: its prompt is
+    a task prefix after the image, and its processor adds BOS and the newline that ends the prefix.
+    """
     image_token = getattr(processor, "image_token", "<image>")
     # A literal placeholder typed in a question must not become an image slot (LLaMA-Factory #7909).
     safe_question = question.replace(image_token, image_token[0] + "\u200b" + image_token[1:])
+    if families.family_of_processor(processor).prompt_style == "prefix_suffix":
+        return f"{image_token}answer en {safe_question}"  # big_vision's VQA task prefix, as PaliGemma was trained
+    if not getattr(processor, "chat_template", None):
+        return f"{image_token}{safe_question}\n"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": safe_question}]}]
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{image_token}{safe_question}\n"
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    leading = _leading_special_tokens(processor.tokenizer)
+    return prompt if prompt.startswith(leading) else leading + prompt
+
+
+def _processed_prompt_ids(processor, prompts: list[str], images: list[Image.Image]) -> list[list[int]]:
+    """Prompt ids with each image placeholder expanded by the processor."""
+    if families.family_of_processor(processor).prompt_style == "prefix_suffix":
+        # PaliGemma's processor builds legacy labels with numpy, which fails on a ragged batch: one at a time.
+        return [processor(text=[prompt], images=[[image]], add_special_tokens=False)["input_ids"][0] for prompt, image in zip(prompts, images)]
+    # One list of images per prompt: processors that split images (Idefics3, SmolVLM) read a flat list as one sample.
+    return processor(text=prompts, images=[[image] for image in images], add_special_tokens=False)["input_ids"]
+
+
+def _leading_special_tokens(tokenizer) -> str:
+    """What the tokenizer puts before any text on its own (`<s>`, GLM's `[gMASK]<sop>`, or nothing)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n_leading = with_special.index(plain[0]) if plain and plain[0] in with_special else 0
+    return tokenizer.decode(with_special[:n_leading])
+
+
+def _prompt_as_tokenized(processor, prompt: str) -> str:
+    """The prompt as the tokenizer sees it, image placeholders unexpanded (PaliGemma's processor adds BOS and a newline)."""
+    if families.family_of_processor(processor).prompt_style != "prefix_suffix":
+        return prompt
+    image_token = processor.image_token
+    cut = prompt.rfind(image_token) + len(image_token)
+    return prompt[:cut] + processor.tokenizer.bos_token + prompt[cut:] + "\n"
+
+
+def _answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """The answer's tokens as they follow the prompt, so a SentencePiece "▁" or BPE "Ġ" word start is the
+    one the model sees after its cue, not the one it would see at the start of a text."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    joint_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    if joint_ids[: len(prompt_ids)] == prompt_ids and len(joint_ids) > len(prompt_ids):
+        return joint_ids[len(prompt_ids) :]
+    return tokenizer(answer, add_special_tokens=False)["input_ids"]  # the answer merged into the cue's last token
 
 
 def _as_pil(image: bytes | Image.Image) -> Image.Image:

@@ -1,8 +1,8 @@
-"""Stage 4: LoRA (or full) fine-tuning with the Hugging Face `Trainer`.
+"""Stage 4: LoRA / QLoRA (or full) fine-tuning with the Hugging Face `Trainer`.
 
-`train_adapter` is the entry point: it loads the base model, wraps every linear layer of its
-language model with LoRA (the vision tower stays frozen, the projector optionally trains in full),
-and fits it with validation loss, early stopping and checkpoints. Checkpoints live outside the
+`train_adapter` is the entry point: it loads the base model as the method wants it (vlmtune.methods),
+wraps every linear layer of its language model with LoRA (the vision tower stays frozen, the
+projector optionally trains in full), and fits it with validation loss, early stopping and checkpoints. Checkpoints live outside the
 published folder, so a killed run resumes from its last one. `fit` is shared with the tiny base
 model's pretraining.
 """
@@ -24,7 +24,8 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 
 from vlmtune.collate import TrainingCollator
 from vlmtune.config import TrainConfig, as_dict
-from vlmtune.models import BaseModelRef, load_model, load_processor, lora_target_regex, parameter_counts, projector_module_name
+from vlmtune.methods import apply_lora, load_base_for, load_for_training  # noqa: F401  (apply_lora: also this module's public API)
+from vlmtune.models import BaseModelRef, load_processor, parameter_counts
 
 Log = Callable[[str], None]
 
@@ -46,32 +47,17 @@ def train_adapter(
     """
     processor = load_processor(processor_dir)
     splits = datasets.load_from_disk(str(dataset_dir))
-    model = load_model(base, dtype=torch.float32)  # fp32 master weights; bf16 autocast where the GPU has it
-    if config.method == "lora" and warm_start_dir is not None:
-        model = load_warm_start(model, warm_start_dir)
+    if warm_start_dir is not None and config.method != "full":
+        model = load_warm_start(load_base_for(base, config), warm_start_dir)
         log(f"warm start from the adapter in {warm_start_dir}")
-    elif config.method == "lora":
-        model = apply_lora(model, config)
+    else:
+        model = load_for_training(base, config)
     summary = fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log)
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
     (Path(out_dir) / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
     (Path(out_dir) / "log_history.json").write_text(json.dumps(summary.pop("log_history")))
     return {**summary, "base_model": base.to_dict(), "drops": sorted(set(splits["train"]["drop"]))}
-
-
-def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    projector = projector_module_name(model)
-    lora_config = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=lora_target_regex(model),
-        modules_to_save=[projector] if config.train_projector and projector else None,
-    )
-    return get_peft_model(model, lora_config)
 
 
 def load_warm_start(model: nn.Module, adapter_dir: Path) -> nn.Module:
@@ -83,7 +69,7 @@ def load_warm_start(model: nn.Module, adapter_dir: Path) -> nn.Module:
     saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     loaded = get_peft_model_state_dict(model)
     missing = sorted(set(saved) - set(loaded))
-    differing = sorted(key for key in set(saved) & set(loaded) if not torch.equal(saved[key], loaded[key].cpu()))
+    differing = sorted(key for key in set(saved) & set(loaded) if not torch.equal(saved[key], loaded[key].cpu().to(saved[key].dtype)))
     if missing or differing:
         raise RuntimeError(f"warm start from {adapter_dir} did not load {len(missing) + len(differing)} tensors: {(missing + differing)[:5]}")
     return model
@@ -123,13 +109,16 @@ def fit(
         save_total_limit=2,
         # Reloading a full-model checkpoint in-process misses keys under transformers 5's renamed
         # LLaVA layout, leaving the last weights in place silently; only adapters reload reliably.
-        load_best_model_at_end=has_eval and config.method == "lora",
+        load_best_model_at_end=has_eval and config.method != "full",
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=max(1, min(10, config.eval_steps)),
         report_to=[],
         remove_unused_columns=False,  # the collator needs the image and prompt columns
         bf16=use_bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # Reentrant checkpointing drops the graph to frozen inputs and costs more memory with LoRA.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=not torch.cuda.is_available(),
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         seed=config.seed,
