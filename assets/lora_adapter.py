@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import dagster as dg
@@ -51,7 +52,8 @@ def lora_adapter(
         return materialize_result(warm_start, **_reported(warm_start.summary))  # no new data to continue on
     version = fingerprint("lora_adapter", CODE_VERSION, inputs, as_dict(train_config), warm_start.fingerprint if warm_start else None)
     reported = {}
-    if store.find("lora_adapter", version) is None:
+    already_built = store.find("lora_adapter", version) is not None
+    if not already_built:
         work = store.work_dir("lora_adapter", version)
         write_json(work / "spec.json", {
             "store_root": str(store.root), "version": version, "config": as_dict(train_config), "inputs": inputs,
@@ -67,6 +69,7 @@ def lora_adapter(
     artifact = store.find("lora_adapter", version)
     if artifact is None:
         raise RuntimeError(f"the training process exited without publishing adapter {version}; see its log above")
+    artifact = dataclasses.replace(artifact, cached=already_built)
     store.publish("lora_adapter", version)
     return materialize_result(artifact, **{**_reported(artifact.summary), **reported})
 
