@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune import formats
-from vlmtune.readers.base import IMAGE_SUFFIXES, SourceRecord, peek, record_text, rejected, walk_files
+from vlmtune.readers.base import IMAGE_SUFFIXES, SourceRecord, answer_texts, peek, record_text, rejected, walk_files
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
@@ -65,7 +65,6 @@ def _read_pair(drop_dir: Path, questions_path: Path, annotations_path: Path | No
         if image is None:
             yield rejected(file, index, text, formats.IMAGE_MISSING, f"no image file for image_id {question.get('image_id')!r}")
             continue
-        answers = annotation.get("answers")
         yield SourceRecord(
             file, index, text,
             sample={
@@ -73,7 +72,7 @@ def _read_pair(drop_dir: Path, questions_path: Path, annotations_path: Path | No
                 "image_bytes": None,
                 "question": question.get("question"),
                 "answer": annotation.get("multiple_choice_answer"),
-                "answers": [item.get("answer") if isinstance(item, dict) else item for item in answers] if isinstance(answers, list) else answers,
+                "answers": answer_texts(annotation.get("answers")),
                 "split": split,
                 "answer_type": annotation.get("answer_type"),
                 "question_type": annotation.get("question_type"),
