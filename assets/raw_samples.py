@@ -6,12 +6,12 @@ from resources import ArtifactStoreResource, DropsResource
 from vlmtune.artifacts import fingerprint
 from vlmtune.ingest import drop_fingerprint, ingest_drop
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 
 @dg.asset(partitions_def=drops_partitions, code_version=CODE_VERSION, group_name="data", kinds={"parquet"})
 def raw_samples(context: dg.AssetExecutionContext, drops: DropsResource, artifacts: ArtifactStoreResource) -> dg.MaterializeResult:
-    """Every record of one drop with its image's sha256 and size; unreadable lines quarantined with a reason."""
+    """Every sample of one drop, in any layout the readers know, with its image's sha256 and size; unreadable records quarantined with a reason."""
     drop = context.partition_key
     drop_dir = drops.drop_dir(drop)
     version = fingerprint("raw_samples", CODE_VERSION, drop, drop_fingerprint(drop_dir))
@@ -19,6 +19,7 @@ def raw_samples(context: dg.AssetExecutionContext, drops: DropsResource, artifac
     summary = artifact.summary
     return materialize_result(
         artifact,
+        format=summary["format"],
         n_in=summary["n_in"],
         n_kept=summary["n_kept"],
         n_quarantined=summary["n_quarantined"],

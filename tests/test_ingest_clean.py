@@ -8,12 +8,14 @@ from conftest import png_bytes, read_rows
 from vlmtune import formats
 from vlmtune.clean import assign_split, clean_drop
 from vlmtune.config import CleanConfig
+from vlmtune import ingest
 from vlmtune.ingest import drop_fingerprint, ingest_drop
+from vlmtune.readers import UnknownDropFormat
 
 
 def run_stages(drop, tmp_path, config=CleanConfig()):
     raw_dir, clean_dir = tmp_path / "raw", tmp_path / "clean"
-    raw_dir.mkdir(), clean_dir.mkdir()
+    raw_dir.mkdir(parents=True), clean_dir.mkdir()
     raw = ingest_drop(drop, drop.name, raw_dir)
     clean = clean_drop(raw_dir, drop, clean_dir, config)
     kept = read_rows(clean_dir / formats.CLEAN_SAMPLES_FILE)
@@ -141,10 +143,24 @@ def test_an_entirely_bad_drop_still_materializes(make_drop, tmp_path):
     assert summary["n_kept"] == 0 and summary["n_quarantined"] == 3
 
 
-def test_a_drop_without_annotations_is_an_operational_error(tmp_path):
+def test_a_drop_in_no_known_layout_is_refused_with_the_formats_it_accepts(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="annotations.jsonl"):
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    with pytest.raises(UnknownDropFormat) as refused:
         ingest_drop(tmp_path / "empty", "empty", tmp_path)
+    for accepted in ("annotations.jsonl", "annotations.csv", "annotations.parquet", "LLaVA", "VQAv2", "save_to_disk", "Parquet"):
+        assert accepted in str(refused.value)
+
+
+def test_permission_denied_fails_the_run_with_a_clear_message(make_drop, tmp_path, monkeypatch):
+    drop = make_drop(images={"images/a.png": png_bytes()}, records=[{"image": "images/a.png", "question": "q", "answer": "x"}])
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ingest, "_hash_file", denied)  # the tests run as root, where chmod 000 does not stop a read
+    with pytest.raises(PermissionError, match="permission denied while ingesting drop 'drop1'.*a.png"):
+        ingest_drop(drop, "drop1", tmp_path)
 
 
 def test_drop_fingerprint_changes_with_content(make_drop):

@@ -76,7 +76,7 @@ def _pretrain_tiny(tiny: TinyModelConfig, weights_dir: Path, checkpoint_dir: Pat
         {
             "sample_id": f"pretrain:{index}", "drop": "pretrain", "split": sample["split"], "image_sha256": "",
             "image": {"bytes": sample["image_bytes"], "path": None}, "question": sample["question"], "answer": sample["answer"],
-            "answer_type": "", "question_type": "", **example,
+            "answer_type": "", "question_type": "", "answers": None, "history": None, "image_phash": None, "image_colors": None, **example,
         }
         for index, (sample, example) in enumerate(zip(samples, encoded))
     ]

@@ -7,6 +7,7 @@ and saved beside its artifact, so every artifact can be rebuilt from its own fol
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,12 @@ class CleanConfig:
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb limit
     # Fractions for records that arrive without a split; hashed on the image so an image keeps one split.
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    # Text longer than this cannot fit any token budget we use (TokenizeConfig.max_length, at a few
+    # characters a token); the exact budget is enforced after the processor, in tokenized_dataset.
+    max_text_chars: int = 2_000
+    near_duplicate_distance: int = 4  # phash bits of 64; re-encoded or resized copies stay within ~4
+    near_duplicate_color_tolerance: int = 24  # of 255, per cell of an 8x8 thumbnail (phash is colour-blind)
+    num_proc: int = min(2, os.cpu_count() or 1)  # processes decoding images (datasets.map)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Which drop folders are complete and new or changed: the logic behind the new-drops sensor.
 
-A drop is complete when it holds a `_READY` marker, or when its annotation file is present and
-the folder's fingerprint did not change between two looks (an upload still in progress changes
-it). A complete drop is due for ingestion when its fingerprint differs from the one last ingested.
+A drop is complete when it holds a `_READY` marker, or when its annotations are present (any
+layout `vlmtune.readers` reads) and the folder's fingerprint did not change between two looks
+(an upload still in progress changes it). A complete drop is due for ingestion when its fingerprint differs from the one last ingested.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from pathlib import Path
 
 from vlmtune.formats import READY_MARKER
 from vlmtune.ingest import drop_fingerprint
-
-ANNOTATION_NAMES = ("annotations.jsonl",)
+from vlmtune.readers import UnknownDropFormat, detect_format
 
 
 @dataclass
@@ -30,7 +29,7 @@ def due_drops(drops_dir: Path, state: WatchState) -> tuple[dict[str, str], Watch
     seen, due = {}, {}
     folders = sorted(p for p in drops_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) if drops_dir.is_dir() else []
     for folder in folders:
-        if not any((folder / name).is_file() for name in ANNOTATION_NAMES):
+        if not _has_annotations(folder):
             continue
         current = drop_fingerprint(folder)
         seen[folder.name] = current
@@ -38,3 +37,11 @@ def due_drops(drops_dir: Path, state: WatchState) -> tuple[dict[str, str], Watch
         if settled and state.ingested.get(folder.name) != current:
             due[folder.name] = current
     return due, WatchState(last_seen=seen, ingested={**state.ingested, **due})
+
+
+def _has_annotations(folder: Path) -> bool:
+    try:
+        detect_format(folder)
+    except UnknownDropFormat:
+        return False
+    return True

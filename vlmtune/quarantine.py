@@ -31,3 +31,13 @@ class QuarantineLog:
 
     def write(self, path: Path) -> None:
         pq.write_table(pa.Table.from_pylist(self.rows, schema=QUARANTINE_SCHEMA), path)
+
+
+def quarantine_preview(path: Path, n_rows: int = 10) -> str:
+    """The first rejected records of a quarantine table as Markdown: enough to see what went wrong, from the UI."""
+    rows = pq.read_table(path, columns=["drop", "file", "line", "reason", "detail"]).slice(0, n_rows).to_pylist()
+    lines = ["| drop | file | line | reason | detail |", "|---|---|---:|---|---|"]
+    for row in rows:
+        detail = (row["detail"] or "").replace("|", "\\|").replace("\n", " ")[:120]
+        lines.append(f"| {row['drop']} | {row['file']} | {row['line']} | {row['reason']} | {detail} |")
+    return "\n".join(lines) if rows else "(nothing quarantined)"
