@@ -8,17 +8,24 @@ import dagster as dg
 from assets.base_model import base_model
 from assets.clean_samples import clean_samples
 from assets.evaluation_report import evaluation_report
+from assets.full_finetune_reference import full_finetune_reference
 from assets.lora_adapter import lora_adapter
 from assets.merged_model import merged_model
 from assets.raw_samples import raw_samples
 from assets.tokenized_dataset import tokenized_dataset
-from pipelines.checks import beats_blind_baseline, clean_counts_conserved, merged_matches_adapter, tokenized_dataset_sound
-from pipelines.jobs import ingest_job, train_job
+from pipelines.checks import (
+    beats_blind_baseline,
+    clean_counts_conserved,
+    merged_matches_adapter,
+    tokenized_dataset_sound,
+    uses_the_image,
+)
+from pipelines.jobs import ingest_job, lora_vs_full_job, train_job
 from resources import ArtifactStoreResource, BaseModelResource, DropsResource, PipelineSettings
 from vlmtune.config import TINY_MODEL_ID
 
-ASSETS = [raw_samples, clean_samples, base_model, tokenized_dataset, lora_adapter, evaluation_report, merged_model]
-CHECKS = [clean_counts_conserved, tokenized_dataset_sound, beats_blind_baseline, merged_matches_adapter]
+ASSETS = [raw_samples, clean_samples, base_model, tokenized_dataset, lora_adapter, full_finetune_reference, evaluation_report, merged_model]
+CHECKS = [clean_counts_conserved, tokenized_dataset_sound, beats_blind_baseline, uses_the_image, merged_matches_adapter]
 
 
 def build_definitions(
@@ -29,7 +36,7 @@ def build_definitions(
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=CHECKS,
-        jobs=[ingest_job, train_job],
+        jobs=[ingest_job, train_job, lora_vs_full_job],
         resources={
             "artifacts": ArtifactStoreResource(root=str(Path(home or os.environ.get("VQA_HOME", "artifacts")).resolve())),
             "drops": DropsResource(root=str(data_root / "drops")),

@@ -11,3 +11,7 @@ train_job = dg.define_asset_job(
     "train_and_ship",
     selection=dg.AssetSelection.assets("base_model", "tokenized_dataset", "lora_adapter", "evaluation_report", "merged_model"),
 )
+# LoRA against full fine-tuning: train the full reference for the current adapter, then re-report and re-merge.
+lora_vs_full_job = dg.define_asset_job(
+    "lora_vs_full", selection=dg.AssetSelection.assets("full_finetune_reference", "evaluation_report", "merged_model")
+)
