@@ -25,7 +25,7 @@ def evaluation_report(
     store = artifacts.store()
     base, data, adapter = (store.require_current(name) for name in ("base_model", "tokenized_dataset", "lora_adapter"))
     config = settings.config().eval
-    history = context.instance.fetch_materializations(dg.AssetKey("lora_adapter"), limit=100).records
+    history = context.instance.fetch_materializations(dg.AssetKey("lora_adapter"), limit=1000).records
     previous, previous_note = pick_previous_adapter(
         [(r.asset_materialization.metadata["fingerprint"].value, r.asset_materialization.metadata["path"].value) for r in history],
         adapter.fingerprint, base.fingerprint,

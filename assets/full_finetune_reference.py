@@ -10,17 +10,26 @@ from vlmtune.train import train_adapter
 CODE_VERSION = "1"
 
 
+class FullFinetuneOverrides(dg.Config):
+    """Full fine-tuning usually wants a lower learning rate than LoRA; everything else stays the adapter's."""
+
+    learning_rate: float | None = None  # None: the adapter's learning rate
+
+
 @dg.asset(
     deps=["lora_adapter", "tokenized_dataset", "base_model"], code_version=CODE_VERSION, group_name="model", kinds={"pytorch"}, pool="gpu"
 )
-def full_finetune_reference(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource) -> dg.MaterializeResult:
+def full_finetune_reference(
+    context: dg.AssetExecutionContext, config: FullFinetuneOverrides, artifacts: ArtifactStoreResource
+) -> dg.MaterializeResult:
     """The current adapter's training run with every weight trained (same data, steps, batch, seed): the ceiling LoRA is measured against.
 
     Not part of `train_and_ship` (it costs a second training run); run the `lora_vs_full` job.
     """
     store = artifacts.store()
     base, data, adapter = (store.require_current(name) for name in ("base_model", "tokenized_dataset", "lora_adapter"))
-    train_config = TrainConfig(**(read_json(adapter.path / "manifest.json")["config"] | {"method": "full"}))
+    adapter_config = read_json(adapter.path / "manifest.json")["config"]
+    train_config = TrainConfig(**adapter_config | {"method": "full", "learning_rate": config.learning_rate or adapter_config["learning_rate"]})
     version = fingerprint("full_finetune_reference", CODE_VERSION, base.fingerprint, data.fingerprint, as_dict(train_config))
     artifact = store.build(
         "full_finetune_reference",

@@ -118,6 +118,7 @@ def evaluate_adapter(
         "config": as_dict(config),
         "adapter_dir": str(adapter_dir),
         "full_finetune_dir": str(full_finetune_dir) if full_finetune_dir else None,
+        "full_finetune_config": json.loads((Path(full_finetune_dir) / "train_config.json").read_text()) if full_finetune_dir else None,
     }
     pd.DataFrame(
         {"sample_id": test["sample_id"], "question": test["question"], "answer": test["answer"], "prediction": predictions,

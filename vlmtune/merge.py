@@ -57,10 +57,12 @@ def merge_adapter(
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base_dir = base_checkpoint_dir(base)
     dtype = merge_dtype(adapter_dir, base_dir, config)
+    # A `method="full"` run saved a whole model: it is re-sharded and checked like a merge, with no delta to add.
     is_adapter = (adapter_dir / "adapter_config.json").is_file()
-    written = merge_checkpoint(base_dir if is_adapter else adapter_dir, adapter_dir if is_adapter else None, out_dir, dtype, config.max_shard_size_mb)
+    source_dir = base_dir if is_adapter else adapter_dir
+    written = merge_checkpoint(source_dir, adapter_dir if is_adapter else None, out_dir, dtype, config.max_shard_size_mb)
     processor = load_processor(adapter_dir)
-    _write_configs(base_dir if is_adapter else adapter_dir, out_dir, dtype, processor)
+    _write_configs(source_dir, out_dir, dtype, processor)
     processor.save_pretrained(str(out_dir))
     (out_dir / "merge_config.json").write_text(json.dumps(as_dict(config) | {"resolved_dtype": str(dtype).removeprefix("torch.")}, indent=2))
     write_model_card(out_dir, base, base_dir, adapter_dir, evaluation or {}, drops or [], str(dtype).removeprefix("torch."))

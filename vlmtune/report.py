@@ -82,7 +82,9 @@ def _findings(report: dict[str, Any]) -> list[str]:
     ratio = report.get("lora_to_full_ratio")
     if ratio is not None:
         met = "meets" if ratio >= FULL_FINETUNE_CLAIM else "**falls short of**"
-        findings.append(f"- LoRA reached **{ratio:.1%}** of full fine-tuning accuracy; this {met} the recipe's claim of ≥ {FULL_FINETUNE_CLAIM:.0%}.")
+        full = report.get("full_finetune_config") or {}
+        findings.append(f"- LoRA reached **{ratio:.1%}** of full fine-tuning accuracy (full: {full.get('max_steps')} steps, "
+                        f"learning rate {full.get('learning_rate')}); this {met} the recipe's claim of ≥ {FULL_FINETUNE_CLAIM:.0%} at rank 8.")
     else:
         findings.append("- LoRA against full fine-tuning: not measured in this report (materialize `full_finetune_reference`).")
     return findings
