@@ -1,45 +1,71 @@
 import base64
+import re
+from pathlib import Path
 
 import dagster as dg
 
 from assets.results import materialize_result
 from resources import ArtifactStoreResource, PipelineSettings
-from vlmtune.artifacts import fingerprint
+from vlmtune.artifacts import fingerprint, read_json
 from vlmtune.base_model import ref_from_summary
 from vlmtune.config import as_dict
-from vlmtune.evaluate import evaluate_adapter
+from vlmtune.evaluate import evaluate_adapter, full_reference_matches, pick_previous_adapter
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 
 @dg.asset(
-    deps=["lora_adapter", "tokenized_dataset", "base_model"], code_version=CODE_VERSION, group_name="model", kinds={"markdown"}, pool="gpu"
+    deps=["lora_adapter", "tokenized_dataset", "base_model", "full_finetune_reference"],
+    code_version=CODE_VERSION, group_name="model", kinds={"markdown"}, pool="gpu",
 )
 def evaluation_report(
     context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource, settings: PipelineSettings
 ) -> dg.MaterializeResult:
-    """Accuracy on the test split against the majority and blind (question-only) baselines, as JSON, Markdown and a plot."""
+    """Accuracy with a 95 % CI against majority, blind, base model, previous adapter, image-shuffle and (if trained) full fine-tuning."""
     store = artifacts.store()
     base, data, adapter = (store.require_current(name) for name in ("base_model", "tokenized_dataset", "lora_adapter"))
     config = settings.config().eval
-    version = fingerprint("evaluation_report", CODE_VERSION, adapter.fingerprint, data.fingerprint, as_dict(config))
+    history = context.instance.fetch_materializations(dg.AssetKey("lora_adapter"), limit=1000).records
+    previous, previous_note = pick_previous_adapter(
+        [(r.asset_materialization.metadata["fingerprint"].value, r.asset_materialization.metadata["path"].value) for r in history],
+        adapter.fingerprint, base.fingerprint,
+    )
+    full = store.current("full_finetune_reference")
+    full = full if full and full_reference_matches(read_json(full.path / "manifest.json"), read_json(adapter.path / "manifest.json")) else None
+    version = fingerprint("evaluation_report", CODE_VERSION, adapter.fingerprint, data.fingerprint, as_dict(config), previous_note, full and full.fingerprint)
     artifact = store.build(
         "evaluation_report",
         version,
-        lambda out: evaluate_adapter(ref_from_summary(base.summary, base.path), adapter.path, data.path / "dataset", out, config, context.log.info),
-        manifest={"config": as_dict(config), "lora_adapter": adapter.fingerprint, "tokenized_dataset": data.fingerprint},
+        lambda out: evaluate_adapter(
+            ref_from_summary(base.summary, base.path), adapter.path, data.path / "dataset", out, config, context.log.info,
+            previous_adapter_dir=previous and Path(previous), previous_adapter_note=previous_note, full_finetune_dir=full and full.path,
+        ),
+        manifest={"config": as_dict(config), "lora_adapter": adapter.fingerprint, "tokenized_dataset": data.fingerprint,
+                  "previous_adapter": previous, "full_finetune_reference": full and full.fingerprint},
     )
     summary = artifact.summary
-    plot = base64.b64encode((artifact.path / "plots.png").read_bytes()).decode()
-    markdown = (artifact.path / "report.md").read_text().replace("(plots.png)", f"(data:image/png;base64,{plot})")
+    markdown = re.sub(r"\]\(([\w/.-]+\.png)\)", lambda m: f"](data:image/png;base64,{_base64(artifact.path / m[1])})", (artifact.path / "report.md").read_text())
+    optional = {f"{name}_accuracy": summary["baselines"][name] for name in ("previous_adapter", "full_finetune") if name in summary["baselines"]}
     return materialize_result(
         artifact,
         accuracy=summary["accuracy"],
+        ci95_low=summary["ci95"][0],
+        ci95_high=summary["ci95"][1],
         n=summary["n"],
         blind_accuracy=summary["baselines"]["blind"],
         majority_accuracy=summary["baselines"]["majority"],
+        base_model_accuracy=summary["baselines"]["base_model"],
+        image_shuffle_accuracy=summary["baselines"]["image_shuffle"],
+        image_shuffle_drop=summary["image_shuffle_drop"],
+        **optional,
+        lora_to_full_ratio=summary["lora_to_full_ratio"] if summary["lora_to_full_ratio"] is not None else "not measured",
         per_answer_type=summary["per_answer_type"],
+        questions_per_second=summary["questions_per_second"],
         hit_max_new_tokens_rate=summary["hit_max_new_tokens_rate"],
         report=dg.MetadataValue.md(markdown),
         report_json=dg.MetadataValue.path(str(artifact.path / "report.json")),
     )
+
+
+def _base64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()

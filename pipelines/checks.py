@@ -70,11 +70,21 @@ def beats_blind_baseline(artifacts: ArtifactStoreResource) -> dg.AssetCheckResul
     return dg.AssetCheckResult(passed=accuracy > blind, metadata={"accuracy": accuracy, "blind": blind, "margin": accuracy - blind})
 
 
-@dg.asset_check(asset=merged_model, description="The reloaded merged model matches base + adapter: logits within tolerance, identical greedy answers.")
+@dg.asset_check(asset=evaluation_report, description="Accuracy drops (paired 95 % CI above zero) when each question gets another sample's image: the model reads the image.")
+def uses_the_image(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
+    summary = artifacts.store().require_current("evaluation_report").summary
+    low, high = summary["image_shuffle_drop_ci95"]
+    return dg.AssetCheckResult(
+        passed=low > 0,  # the paired 95 % interval on the drop excludes zero
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"accuracy": summary["accuracy"], "image_shuffle_accuracy": summary["baselines"]["image_shuffle"],
+                  "drop": summary["image_shuffle_drop"], "drop_ci95_low": low, "drop_ci95_high": high},
+    )
+
+
+@dg.asset_check(asset=merged_model, description="The reloaded merged model matches base + adapter: logits within the dtype's tolerance, identical greedy answers.")
 def merged_matches_adapter(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
     summary = artifacts.store().require_current("merged_model").summary
     passed = summary["within_tolerance"] and summary["answers_identical"] and summary["n_check_samples"] > 0
-    return dg.AssetCheckResult(
-        passed=passed,
-        metadata={key: summary[key] for key in ("max_logit_diff", "answers_identical", "n_check_samples")},
-    )
+    keys = ("max_logit_diff", "mean_logit_diff", "tolerance", "dtype", "answers_identical", "answers_agreeing", "n_check_samples")
+    return dg.AssetCheckResult(passed=passed, metadata={key: summary[key] for key in keys})

@@ -8,6 +8,7 @@ import dagster as dg
 from assets.base_model import base_model
 from assets.clean_samples import clean_samples
 from assets.evaluation_report import evaluation_report
+from assets.full_finetune_reference import full_finetune_reference
 from assets.lora_adapter import lora_adapter
 from assets.merged_model import merged_model
 from assets.raw_samples import raw_samples
@@ -18,6 +19,7 @@ from pipelines.checks import (
     lora_really_trained,
     merged_matches_adapter,
     tokenized_dataset_sound,
+    uses_the_image,
 )
 from pipelines.jobs import build_jobs
 from pipelines.schedules import build_retraining_schedule
@@ -25,8 +27,8 @@ from pipelines.sensors import build_new_drops_sensor
 from resources import ArtifactStoreResource, BaseModelResource, DropsResource, PipelineSettings, TrainingLauncher
 from vlmtune.config import TINY_MODEL_ID
 
-ASSETS = [raw_samples, clean_samples, base_model, tokenized_dataset, lora_adapter, evaluation_report, merged_model]
-CHECKS = [clean_counts_conserved, tokenized_dataset_sound, lora_really_trained, beats_blind_baseline, merged_matches_adapter]
+ASSETS = [raw_samples, clean_samples, base_model, tokenized_dataset, lora_adapter, full_finetune_reference, evaluation_report, merged_model]
+CHECKS = [clean_counts_conserved, tokenized_dataset_sound, lora_really_trained, beats_blind_baseline, uses_the_image, merged_matches_adapter]
 
 
 def build_definitions(
@@ -40,12 +42,12 @@ def build_definitions(
     """Definitions for one profile and set of folders; arguments default to the environment (see README)."""
     env = os.environ.get
     data_root = Path(data_dir or env("VQA_DATA_DIR", "data")).resolve()
-    ingest_job, train_job = build_jobs(retries if retries is not None else int(env("VQA_RETRIES", "1")))
+    ingest_job, train_job, lora_vs_full_job = build_jobs(retries if retries is not None else int(env("VQA_RETRIES", "1")))
     automation = automation if automation is not None else env("VQA_AUTOMATION", "on") == "on"
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=CHECKS,
-        jobs=[ingest_job, train_job],
+        jobs=[ingest_job, train_job, lora_vs_full_job],
         sensors=[build_new_drops_sensor(ingest_job, dg.DefaultSensorStatus.RUNNING if automation else dg.DefaultSensorStatus.STOPPED)],
         schedules=[
             build_retraining_schedule(

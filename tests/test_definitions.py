@@ -13,7 +13,7 @@ def test_graph_has_the_six_stages_in_order_and_base_model_upstream(tmp_path):
     repository = build_definitions(profile="smoke", home=str(tmp_path / "a"), data_dir=str(tmp_path / "d")).get_repository_def()
     graph = repository.asset_graph
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == set(STAGES) | {"base_model"}
+    assert keys == set(STAGES) | {"base_model", "full_finetune_reference"}
     for upstream, downstream in zip(STAGES, STAGES[1:]):
         parents = {key.to_user_string() for key in graph.get(dg.AssetKey(downstream)).parent_keys}
         assert upstream in parents, f"{upstream} -> {downstream} missing"

@@ -113,4 +113,6 @@ def test_changing_a_training_setting_retrains_without_retokenizing(smoke_run):
     assert latest(instance, "base_model")["cached"].value is True
     adapter = latest(instance, "lora_adapter")
     assert adapter["cached"].value is False and adapter["steps"].value <= 12
-    assert latest(instance, "evaluation_report")["cached"].value is False
+    report = latest(instance, "evaluation_report")
+    assert report["cached"].value is False
+    assert 0 <= report["previous_adapter_accuracy"].value <= 1, "the 30-step adapter is scored as the previous version"

@@ -121,13 +121,20 @@ class EvalConfig:
     batch_size: int = 128
     max_new_tokens: int = 16
     max_samples: int | None = None  # None: the whole test split
-    seed: int = 0
+    bootstrap_resamples: int = 1000  # for the 95 % interval on every headline accuracy
+    n_worst: int = 20  # worst-answered examples shown with their images in the report
+    max_worst_candidates: int = 512  # wrong answers whose reference-answer loss is computed to rank them
+    seed: int = 0  # test subset, image-shuffle pairing and bootstrap
 
 
 @dataclass(frozen=True)
 class MergeConfig:
     n_check_samples: int = 8
-    max_logit_diff: float = 1e-3  # fp32 merge: differences are float rounding only
+    # "auto": the precision the adapter was trained against (fp32 master weights for LoRA; bf16 for
+    # QLoRA, whose 4-bit base is never merged into).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_logit_diff: float | None = None  # None: the tolerance for the merge dtype (merge.LOGIT_TOLERANCE)
+    max_shard_size_mb: int = 2048  # output shard size; the merge holds at most one shard in memory
 
 
 @dataclass(frozen=True)
