@@ -2,7 +2,7 @@ import datasets
 
 from conftest import png_bytes
 from vlmtune.dataset_checks import labels_are_answer, tokenized_dataset_problems
-from vlmtune.tokenization import IGNORE_INDEX, TOKENIZED_FEATURES, encode_batch, save_dataset
+from vlmtune.tokenization import IGNORE_INDEX, dataset_from_rows, encode_batch, save_dataset
 
 
 def rows(processor, split, answers, sha="a"):
@@ -17,9 +17,9 @@ def rows(processor, split, answers, sha="a"):
 def save(tmp_path, train, test):
     path = tmp_path / "dataset"
     save_dataset(datasets.DatasetDict({
-        "train": datasets.Dataset.from_list(train, features=TOKENIZED_FEATURES),
-        "validation": datasets.Dataset.from_dict({name: [] for name in TOKENIZED_FEATURES}, features=TOKENIZED_FEATURES),
-        "test": datasets.Dataset.from_list(test, features=TOKENIZED_FEATURES),
+        "train": dataset_from_rows(train),
+        "validation": dataset_from_rows([]),
+        "test": dataset_from_rows(test),
     }), path)
     return path
 

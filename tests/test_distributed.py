@@ -14,7 +14,7 @@ from resources import TrainingLauncher
 from vlmtune.config import TinyModelConfig, TrainConfig, as_dict
 from vlmtune.models import BaseModelRef, build_tiny_vlm
 from vlmtune.pinning import processor_pins
-from vlmtune.tokenization import TOKENIZED_FEATURES, encode_batch, save_dataset
+from vlmtune.tokenization import dataset_from_rows, encode_batch, save_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def spec(tmp_path):
                  "image": {"bytes": png(i), "path": None}, "question": f"q{i}?", "answer": "red", "answer_type": "other",
                  "question_type": "q", **example} for i, example in enumerate(examples)]
 
-    splits = {name: datasets.Dataset.from_list(rows(name, n), features=TOKENIZED_FEATURES) for name, n in (("train", 32), ("validation", 8), ("test", 4))}
+    splits = {name: dataset_from_rows(rows(name, n)) for name, n in (("train", 32), ("validation", 8), ("test", 4))}
     save_dataset(datasets.DatasetDict(splits), tmp_path / "dataset")
 
     def write(version: str, max_steps: int) -> Path:

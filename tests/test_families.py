@@ -15,7 +15,7 @@ from vlmtune.collate import TrainingCollator
 from vlmtune.config import TrainConfig
 from vlmtune.methods import apply_lora, qlora_quantization_config
 from vlmtune.models import byte_level_tokenizer, parameter_counts
-from vlmtune.tokenization import IGNORE_INDEX, TOKENIZED_FEATURES, encode_batch
+from vlmtune.tokenization import IGNORE_INDEX, dataset_from_rows, encode_batch
 from vlmtune.train import fit
 
 QUESTIONS = ["what color is the shape?", "is there a circle?", "what shape is it?", "is it blue?"]
@@ -275,4 +275,4 @@ def _dataset(processor, images) -> datasets.Dataset:
             "sample_id": f"t:{index}", "drop": "t", "split": "train", "image_sha256": str(index), "image": {"bytes": buffer.getvalue(), "path": None},
             "question": question, "answer": answer, "answer_type": "", "question_type": "", **example,
         })
-    return datasets.Dataset.from_list(rows, features=TOKENIZED_FEATURES)
+    return dataset_from_rows(rows)

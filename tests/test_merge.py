@@ -8,11 +8,11 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from tests.conftest import png_bytes
+from conftest import png_bytes
 from vlmtune.config import MergeConfig, TinyModelConfig
 from vlmtune.merge import checkpoint_key, merge_adapter, merge_dtype
-from vlmtune.models import BaseModelRef, build_tiny_vlm, lora_target_regex, projector_module_name
-from vlmtune.tokenization import TOKENIZED_FEATURES, encode_batch
+from vlmtune.models import BaseModelRef, build_tiny_vlm, lora_target_regex
+from vlmtune.tokenization import dataset_from_rows, encode_batch
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def tiny_checkpoint(tmp_path_factory):
          "question": questions[i], "answer": a, "answer_type": "other", "question_type": "what", **encoded[i]}
         for i, a in enumerate(["red", "no", "circle"])
     ]
-    test = datasets.Dataset.from_list(rows, features=TOKENIZED_FEATURES)
+    test = dataset_from_rows(rows)
     datasets.DatasetDict({"train": test, "test": test}).save_to_disk(str(root / "dataset"))
 
     def make_adapter(name, **lora_options):

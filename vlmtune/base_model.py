@@ -12,14 +12,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import datasets
 
 from vlmtune.artifacts import sha256_file, sha256_tree
 from vlmtune.config import TinyModelConfig, TrainConfig
 from vlmtune.easyvqa import pretraining_samples
 from vlmtune.models import BaseModelRef, build_tiny_vlm, is_tiny_default, load_processor
 from vlmtune.pinning import processor_pins
-from vlmtune.tokenization import TOKENIZED_FEATURES, encode_batch
+from vlmtune.tokenization import dataset_from_rows, encode_batch
 from vlmtune.train import Log, fit
 
 PROCESSOR_DIR = "processor"
@@ -76,11 +75,11 @@ def _pretrain_tiny(tiny: TinyModelConfig, weights_dir: Path, checkpoint_dir: Pat
         {
             "sample_id": f"pretrain:{index}", "drop": "pretrain", "split": sample["split"], "image_sha256": "",
             "image": {"bytes": sample["image_bytes"], "path": None}, "question": sample["question"], "answer": sample["answer"],
-            "answer_type": "", "question_type": "", "answers": None, "history": None, "image_phash": None, "image_colors": None, **example,
+            "answer_type": "", "question_type": "", **example,
         }
         for index, (sample, example) in enumerate(zip(samples, encoded))
     ]
-    dataset = datasets.Dataset.from_list(rows, features=TOKENIZED_FEATURES)
+    dataset = dataset_from_rows(rows)
     train_set = dataset.filter(lambda split: split == "train", input_columns="split")
     eval_set = dataset.filter(lambda split: split == "validation", input_columns="split")
     config = TrainConfig(

@@ -88,7 +88,7 @@ def tokenize_drop(clean_dir: Path, processor, out_dir: Path, config: TokenizeCon
                     **example,
                 }
             )
-    shard = datasets.Dataset.from_list(encoded, features=TOKENIZED_FEATURES) if encoded else _empty()
+    shard = dataset_from_rows(encoded)
     save_dataset(shard, Path(out_dir) / "shard")
     quarantine.write(Path(out_dir) / formats.QUARANTINE_FILE)
     return {
@@ -112,7 +112,7 @@ def assemble_splits(shard_dirs: list[Path], out_dir: Path, config: CleanConfig =
     than writing the splits.
     """
     shards = [datasets.load_from_disk(str(Path(path) / "shard")) for path in shard_dirs]
-    table = pa.concat_tables([shard.data.table for shard in shards]) if shards else _empty().data.table
+    table = pa.concat_tables([shard.data.table for shard in shards]) if shards else dataset_from_rows([]).data.table
     features = shards[0].features if shards else TOKENIZED_FEATURES
     quarantine = QuarantineLog(stage="tokenized_dataset")
     rejected = _cross_drop_rejections(table, config)
@@ -286,6 +286,7 @@ def save_dataset(dataset: datasets.Dataset | datasets.DatasetDict, path: Path) -
         dataset.save_to_disk(str(path), num_shards=1 if dataset.num_rows == 0 else None)
 
 
-def _empty() -> datasets.Dataset:
-    return datasets.Dataset.from_dict({name: [] for name in TOKENIZED_FEATURES}, features=TOKENIZED_FEATURES)
+def dataset_from_rows(rows: list[dict[str, Any]]) -> datasets.Dataset:
+    """Rows as a dataset of TOKENIZED_FEATURES; a column a row leaves out (answers, history, ...) is null."""
+    return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in TOKENIZED_FEATURES}, features=TOKENIZED_FEATURES)
 
