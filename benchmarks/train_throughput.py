@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from vlmtune.speed.answer_loss import answer_loss  # noqa: E402
 from vlmtune.speed.checkpointing import enable_checkpointing  # noqa: E402
+from vlmtune.speed.compile import compile_decoder_layers  # noqa: E402
 from vlmtune.speed.fused_lora import fuse_lora_linears  # noqa: E402
 from vlmtune.speed.fp8_linear import convert_lora_base_to_fp8  # noqa: E402
 from vlmtune.speed.lora_inputs import keep_lora_inputs_bf16  # noqa: E402
@@ -376,16 +377,6 @@ def build_model(shape: Shape, device: torch.device):
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.to(device)
-
-
-def compile_decoder_layers(model) -> None:
-    """Regional compilation: each decoder layer compiled (one graph shared by all), the rest eager."""
-    from vlmtune.speed import fp8_linear
-
-    fp8_linear.use_triton_quantize = False  # process-wide: run compiled variants last
-    for module in model.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
-            module.compile()
 
 
 def image_token(shape: Shape) -> int:

@@ -10,6 +10,7 @@ each on from `TrainConfig`, and `benchmarks/train_throughput.py` can measure wha
   PEFT's fp32 upcast of every non-quantized weight, with non-reentrant checkpointing.
 - `fused_lora.fuse_lora_linears`: base matmul + LoRA down/up + sum as one autograd function.
 - `lora_inputs.keep_lora_inputs_bf16`: stop PEFT casting each LoRA input to the adapter's fp32 dtype.
+- `compile.compile_decoder_layers`: regional torch.compile of the decoder layers.
 - `checkpointing.enable_checkpointing`: non-reentrant checkpointing of every k-th decoder layer.
 
 Measured on one H100 in `benchmarks/NOTES.md`. FP8 changes the loss curve there (see the notes);
