@@ -1,0 +1,529 @@
+"""Training throughput and peak memory: the stock LoRA/QLoRA recipe against vlmtune's speed levers.
+
+Builds a LLaVA-1.5-7B-shaped model from its config with random weights (nothing downloaded), feeds
+random VQA-shaped batches (576 image tokens + 64 text tokens, labels on the last 16), and times
+training steps of each variant in one process, so every ratio is against the stock row of the same
+run on the same GPU. A loss-curve check then trains stock and ours on identical batches.
+
+    python benchmarks/train_throughput.py                      # default rows on one GPU
+    python benchmarks/train_throughput.py --variants stock,ours_fp8 --steps 10
+    python benchmarks/train_throughput.py --tiny               # a tiny LLaVA on CPU: a sanity check only
+
+Stock: bf16 weights, bf16 autocast, torch AdamW, PEFT LoRA r=16 (alpha 32, no dropout), SDPA
+attention, `model(**batch).loss`. QLoRA stock: nf4 + double quantization + bf16 compute, then
+`prepare_model_for_kbit_training` (its default checkpointing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout
+
+from vlmtune.speed.answer_loss import answer_loss  # noqa: E402
+from vlmtune.speed.checkpointing import enable_checkpointing  # noqa: E402
+from vlmtune.speed.compile import compile_decoder_layers  # noqa: E402
+from vlmtune.speed.fused_lora import fuse_lora_linears  # noqa: E402
+from vlmtune.speed.fp8_linear import convert_lora_base_to_fp8  # noqa: E402
+from vlmtune.speed.lora_inputs import keep_lora_inputs_bf16  # noqa: E402
+from vlmtune.speed.qlora import bitsandbytes_available, prepare_qlora, quantize_to_nf4  # noqa: E402
+
+IGNORE_INDEX = -100
+MATMUL_CEILING_TFLOPS = 798.0  # bf16 8192^3 matmul measured on this workplace's H100 (KINDS.md)
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    batch: int = 8
+    targets: Literal["all", "qv"] = "all"
+    quant: Literal["none", "nf4"] = "none"
+    # "kbit": peft.prepare_model_for_kbit_training (fp32 upcast, its default checkpointing);
+    # "nonreentrant": model.gradient_checkpointing_enable(use_reentrant=False) (with nf4: vlmtune.speed.qlora.prepare_qlora)
+    checkpointing: Literal["none", "kbit", "nonreentrant"] = "none"
+    answer_loss: bool = False
+    fp8: bool = False
+    fp8_backward: Literal["fp8", "bf16"] = "fp8"  # grad-input through FP8 or through a kept bf16 weight
+    fp8_mlp_only: bool = False  # FP8 for gate/up/down only; attention projections stay bf16
+    fused_adamw: bool = False
+    bf16_lora_inputs: bool = False
+    compile: bool = False
+    fused_lora: bool = False
+    checkpoint_every: int = 1  # with checkpointing: only every k-th decoder layer
+    quantize_vision: bool = True  # with nf4: the vision tower too (as from_pretrained does)
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+OURS = dict(answer_loss=True, fused_adamw=True, bf16_lora_inputs=True, fused_lora=True)
+OURS_QLORA = dict(answer_loss=True, fused_adamw=True, bf16_lora_inputs=True, quant="nf4", checkpointing="nonreentrant")
+VARIANTS: dict[str, Variant] = {
+    "stock": Variant("stock LoRA all-linear, b8"),
+    "stock_qv": Variant("stock LoRA q,v, b8", targets="qv"),
+    "stock_ckpt_b16": Variant("stock LoRA all-linear + ckpt, b16", batch=16, checkpointing="nonreentrant"),
+    "stock_qlora": Variant("stock QLoRA all-linear + ckpt (kbit prep), b8", quant="nf4", checkpointing="kbit"),
+    "stock_qlora_qv_b2": Variant("stock QLoRA q,v + ckpt (kbit prep), b2", batch=2, targets="qv", quant="nf4", checkpointing="kbit"),
+    # one lever at a time on top of stock
+    "lever_answer_loss": Variant("stock + answer-only loss", answer_loss=True),
+    "lever_lora_inputs": Variant("stock + bf16 LoRA inputs", bf16_lora_inputs=True),
+    "lever_fused_adamw": Variant("stock + fused AdamW", fused_adamw=True),
+    "lever_fp8": Variant("stock + fp8 base linears", fp8=True),
+    "lever_fused_lora": Variant("stock + fused LoRA linears", fused_lora=True),
+    "dora": Variant("stock DoRA all-linear, b8", use_dora=True),
+    "rslora": Variant("stock rsLoRA all-linear, b8", use_rslora=True),
+    # ours
+    "ours_bf16": Variant("ours bf16 (answer loss, fused LoRA, fused AdamW)", **OURS),
+    "ours_fp8": Variant("ours fp8 (+ fp8 base linears)", fp8=True, **OURS),
+    "ours_bf16_compile": Variant("ours bf16 + compiled decoder layers", compile=True, **OURS),
+    "ours_fp8_compile": Variant("ours fp8 + compiled decoder layers", fp8=True, compile=True, **OURS),
+    "ours_fp8mlp_compile": Variant("ours fp8 MLP only + compiled", fp8=True, fp8_mlp_only=True, compile=True, **OURS),
+    "ours_fp8fwd_compile": Variant("ours fp8 fwd / bf16 grad-in + compiled", fp8=True, fp8_backward="bf16", compile=True, **OURS),
+    "ours_qlora_lm_compile": Variant("ours QLoRA, bf16 vision, ckpt, compiled, b8", quantize_vision=False, compile=True, **OURS_QLORA),
+    "ours_fp8_ckpt_b16": Variant("ours fp8 + ckpt, b16", batch=16, fp8=True, checkpointing="nonreentrant", **OURS),
+    "ours_qlora": Variant("ours QLoRA all-linear + ckpt, b8", **OURS_QLORA),
+    "ours_qlora_b2": Variant("ours QLoRA all-linear + ckpt, b2", batch=2, **OURS_QLORA),
+    "ours_qlora_lm": Variant("ours QLoRA, bf16 vision, ckpt, b8", quantize_vision=False, **OURS_QLORA),
+    "ours_qlora_lm_ck2": Variant("ours QLoRA, bf16 vision, ckpt every 2nd, b8", quantize_vision=False, checkpoint_every=2, **OURS_QLORA),
+    "ours_qlora_lm_ck4": Variant("ours QLoRA, bf16 vision, ckpt every 4th, b8", quantize_vision=False, checkpoint_every=4, **OURS_QLORA),
+    "ours_qlora_lm_b2": Variant("ours QLoRA, bf16 vision, ckpt, b2", batch=2, quantize_vision=False, **OURS_QLORA),
+}
+DEFAULT_VARIANTS = (
+    "stock,stock_qv,stock_ckpt_b16,stock_qlora,stock_qlora_qv_b2,"
+    "lever_answer_loss,lever_lora_inputs,lever_fused_adamw,lever_fused_lora,lever_fp8,"
+    "ours_bf16,ours_fp8,ours_qlora,ours_qlora_b2,ours_qlora_lm,ours_qlora_lm_ck2,ours_qlora_lm_b2,"
+    "ours_bf16_compile,ours_fp8_compile,ours_fp8fwd_compile,ours_qlora_lm_compile"
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model and sample shape: LLaVA-1.5-7B (CLIP ViT-L/14-336 + Llama-2-7B) or a CPU-sized one."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 1024
+    vision_intermediate: int = 4096
+    vision_layers: int = 24
+    vision_heads: int = 16
+    text_hidden: int = 4096
+    text_intermediate: int = 11008
+    text_layers: int = 32
+    text_heads: int = 32
+    vocab_size: int = 32064  # llava-hf/llava-1.5-7b-hf: Llama-2's 32000 + image and pad tokens, padded
+    text_tokens: int = 64
+    answer_tokens: int = 16
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def sequence_length(self) -> int:
+        return self.image_tokens + self.text_tokens
+
+
+TINY = Shape(image_size=28, vision_hidden=64, vision_intermediate=128, vision_layers=2, vision_heads=4,
+             text_hidden=64, text_intermediate=128, text_layers=2, text_heads=4, vocab_size=512, text_tokens=24, answer_tokens=8)
+IMAGE_TOKEN_ID, PAD_TOKEN_ID = 32000, 32001
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated rows; all: {','.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--loss-steps", type=int, default=30, help="steps of the loss-curve check; 0 skips it")
+    parser.add_argument(
+        "--loss-pairs", default="stock:ours_bf16,stock:ours_fp8_compile,stock:ours_fp8fwd_compile,stock_qlora:ours_qlora", help="reference:candidate pairs"
+    )
+    parser.add_argument("--loss-batch", type=int, default=4)
+    parser.add_argument("--loss-batches", type=int, default=8, help="distinct batches the loss check cycles through")
+    parser.add_argument("--loss-lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--tiny", action="store_true", help="tiny LLaVA on CPU (or GPU if present): checks the code paths run")
+    parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile for one step (top kernels)")
+    parser.add_argument("--profile-dir", type=Path, default=Path("."), help="where the profile tables go")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.tiny:
+        parser.error("the 7B benchmark needs a GPU; use --tiny on CPU")
+    shape = TINY if args.tiny else Shape()
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if "stock" not in names:
+        names.insert(0, "stock")  # every ratio is against stock measured in this run
+    names.sort(key=lambda name: VARIANTS[name].compile)  # compiled rows last: they switch fp8 quantization to Inductor
+    print(environment(device), flush=True)
+    try:
+        fp8_report = check_fp8_linear(device, shape)
+    except Exception as error:  # the table still tells the rest
+        fp8_report = f"fp8 linear check failed: {type(error).__name__}: {error}"
+    print(fp8_report, flush=True)
+
+    rows = []
+    for name in names:
+        variant = VARIANTS[name]
+        if args.tiny:
+            variant = replace(variant, batch=max(1, variant.batch // 4))
+        result = run_variant(name, variant, shape, device, args)
+        rows.append(result)
+        print(f"  {name}: {json.dumps({k: v for k, v in result.items() if k != 'losses'})}", flush=True)
+
+    curves = loss_curves(shape, device, args) if args.loss_steps > 0 else {}
+    print()
+    print(environment(device))
+    print(fp8_report)
+    print(format_table(rows, shape))
+    if curves:
+        print(format_curves(curves))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": environment(device), "rows": rows, "curves": curves}, indent=2))
+
+
+def run_variant(name: str, variant: Variant, shape: Shape, device: torch.device, args) -> dict:
+    """Build, warm up, time `args.steps` steps; the row's numbers, or the error that stopped it."""
+    row = {"name": name, "description": variant.description, "batch": variant.batch, **{"variant": asdict(variant)}}
+    model = optimizer = step = None
+    try:
+        if variant.quant == "nf4" and not bitsandbytes_available():
+            raise RuntimeError("bitsandbytes is not installed")
+        started = time.perf_counter()
+        model, optimizer, step = build_training(variant, shape, device, args.lr, lora_seed=0)
+        row["setup_s"] = round(time.perf_counter() - started, 1)
+        row["base_params"] = count_base_params(model)
+        batches = make_batches(shape, variant.batch, device, count=2, seed=1)
+        reset_memory(device)
+        started = time.perf_counter()
+        for i in range(args.warmup):
+            step(batches[i % len(batches)])
+        synchronize(device)
+        row["warmup_s"] = round(time.perf_counter() - started, 1)
+        times = []
+        for i in range(args.steps):
+            started = time.perf_counter()
+            step(batches[i % len(batches)])
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+        median = statistics.median(times)
+        tokens = variant.batch * shape.sequence_length
+        if name in args.profile.split(","):
+            profile_step(step, batches[0], device, args.profile_dir / f"profile_{name}.txt")
+        row.update(
+            step_s=median,
+            step_spread=(max(times) - min(times)) / median,
+            tokens_per_s=tokens / median,
+            tflops=4 * row["base_params"] * tokens / median / 1e12,
+            **peak_memory(device),
+        )
+    except Exception as error:  # one failed row (OOM, missing backend) must not lose the others
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    finally:
+        del model, optimizer, step
+        free_memory(device)
+    return row
+
+
+def check_fp8_linear(device: torch.device, shape: Shape) -> str:
+    """Error and speed of one FP8 linear (forward + grad-input) against bf16, on fresh random data."""
+    from vlmtune.speed.fp8_linear import Float8FrozenLinear
+
+    tokens = 8 * shape.sequence_length
+    lines = []
+    for in_features, out_features in [(shape.text_hidden, shape.text_hidden), (shape.text_hidden, shape.text_intermediate), (shape.text_intermediate, shape.text_hidden)]:
+        linear = torch.nn.Linear(in_features, out_features, bias=False, device=device, dtype=torch.bfloat16).requires_grad_(False)
+        fp8 = Float8FrozenLinear.from_linear(linear)
+        x = torch.randn(tokens, in_features, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(tokens, out_features, device=device, dtype=torch.bfloat16)
+        reference_out = x.detach().double() @ linear.weight.double().t()
+        reference_grad = grad.double() @ linear.weight.double()
+        out = fp8(x)
+        (fp8_grad,) = torch.autograd.grad(out, x, grad)
+        bf16_out = linear(x)
+        (bf16_grad,) = torch.autograd.grad(bf16_out, x, grad)
+        rel = lambda a, ref: float((a.detach().double() - ref).norm() / ref.norm())  # noqa: E731
+        line = (f"fp8 linear {in_features}->{out_features} x {tokens} tokens: rel err fwd {rel(out, reference_out):.1e} (bf16 {rel(bf16_out, reference_out):.1e}), "
+                f"grad-in {rel(fp8_grad, reference_grad):.1e} (bf16 {rel(bf16_grad, reference_grad):.1e})")
+        if device.type == "cuda":
+            fp8_ms = time_ms(lambda: torch.autograd.grad(fp8(x), x, grad))
+            bf16_ms = time_ms(lambda: torch.autograd.grad(linear(x), x, grad))
+            line += f"; fwd+grad-in {fp8_ms:.3f} ms vs bf16 {bf16_ms:.3f} ms ({bf16_ms / fp8_ms:.2f}x)"
+        lines.append(line)
+        del linear, fp8, x, grad, out, bf16_out
+    free_memory(device)
+    return "\n".join(lines)
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def profile_step(step: Callable, batch: dict, device: torch.device, path: Path) -> None:
+    """One step under the profiler; the kernels that took the most GPU time, to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(batch)
+        synchronize(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
+
+
+def build_training(variant: Variant, shape: Shape, device: torch.device, lr: float, lora_seed: int):
+    """The model with LoRA and every lever of `variant` applied, its optimizer, and a step function."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = build_model(shape, device)
+    if variant.quant == "nf4":
+        quantize_to_nf4(model, skip_modules=("lm_head",), only_under=None if variant.quantize_vision else "language_model")
+    if variant.checkpointing == "kbit":
+        model = prepare_model_for_kbit_training(model)
+    elif variant.quant == "nf4":
+        model = prepare_qlora(model, gradient_checkpointing=variant.checkpointing == "nonreentrant", checkpoint_every=variant.checkpoint_every)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if variant.checkpointing == "nonreentrant":
+            enable_checkpointing(model, every=variant.checkpoint_every)
+    model.config.use_cache = False
+    leaves = ["q_proj", "v_proj"] if variant.targets == "qv" else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(lora_seed)
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0,
+        target_modules=rf".*language_model.*\.({'|'.join(leaves)})",
+        use_dora=variant.use_dora, use_rslora=variant.use_rslora,
+    )
+    model = get_peft_model(model, lora)
+    if variant.bf16_lora_inputs:
+        keep_lora_inputs_bf16(model)
+    if variant.fp8:
+        convert_lora_base_to_fp8(model, backward=variant.fp8_backward, only=("gate_proj", "up_proj", "down_proj") if variant.fp8_mlp_only else None)
+    if variant.fused_lora:
+        fuse_lora_linears(model)
+    if variant.compile:
+        compile_decoder_layers(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=variant.fused_adamw and device.type == "cuda")
+    model.train()
+
+    def loss_of(batch):
+        if variant.answer_loss:
+            return answer_loss(model, batch)
+        return model(**batch).loss
+
+    def step(batch) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_of(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, optimizer, step
+
+
+def build_model(shape: Shape, device: torch.device):
+    """LLaVA-1.5 from its config: random bf16 weights made on `device`, the same for every seed-0 call."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+            num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+            image_size=shape.image_size, patch_size=shape.patch_size, projection_dim=768,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+            num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads, num_key_value_heads=shape.text_heads,
+            vocab_size=shape.vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
+            pad_token_id=pad_token(shape), bos_token_id=1, eos_token_id=2,
+        ),
+        image_token_index=image_token(shape),
+        image_seq_length=shape.image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=pad_token(shape),
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.to(device)
+
+
+def image_token(shape: Shape) -> int:
+    return IMAGE_TOKEN_ID if shape.vocab_size > IMAGE_TOKEN_ID else shape.vocab_size - 2
+
+
+def pad_token(shape: Shape) -> int:
+    return PAD_TOKEN_ID if shape.vocab_size > PAD_TOKEN_ID else shape.vocab_size - 1
+
+
+def make_batches(shape: Shape, batch: int, device: torch.device, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`count` VQA-shaped batches: <s>, the image tokens, a prompt, and an answer that alone is labelled."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        text = torch.randint(3, min(shape.vocab_size, IMAGE_TOKEN_ID) - 2, (batch, shape.text_tokens - 1), generator=generator)
+        input_ids = torch.cat(
+            [torch.ones(batch, 1, dtype=torch.long), torch.full((batch, shape.image_tokens), image_token(shape)), text], dim=1
+        )
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:, -shape.answer_tokens :] = input_ids[:, -shape.answer_tokens :]
+        pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, generator=generator)
+        batches.append(
+            {
+                "input_ids": input_ids.to(device),
+                "attention_mask": torch.ones_like(input_ids).to(device),
+                "pixel_values": pixels.to(device, torch.bfloat16),
+                "labels": labels.to(device),
+            }
+        )
+    return batches
+
+
+def loss_curves(shape: Shape, device: torch.device, args) -> dict:
+    """Each reference:candidate pair of `--loss-pairs` trained on identical batches from identical weights.
+
+    The noise reference is each reference again with another LoRA init seed: a candidate whose
+    distance from its reference is below that is within the run-to-run noise of the recipe itself.
+    """
+    batch = max(1, args.loss_batch // 4) if args.tiny else args.loss_batch
+    pairs = [pair.split(":") for pair in args.loss_pairs.split(",") if pair.strip()]
+    runs = []
+    for reference, candidate in pairs:
+        for run in [(reference, 0), (candidate, 0), (reference, 1)]:
+            if run not in runs:
+                runs.append(run)
+    batches = make_batches(shape, batch, torch.device("cpu"), count=args.loss_batches, seed=2)
+    curves: dict[str, list[float] | str] = {}
+    for name, seed in runs:
+        model = optimizer = step = None
+        try:
+            model, optimizer, step = build_training(VARIANTS[name], shape, device, args.loss_lr, lora_seed=seed)
+            curves[f"{name}@{seed}"] = [
+                float(step({k: v.to(device) for k, v in batches[i % len(batches)].items()})) for i in range(args.loss_steps)
+            ]
+        except Exception as error:
+            curves[f"{name}@{seed}"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        finally:
+            del model, optimizer, step
+            free_memory(device)
+    return {"pairs": pairs, "curves": curves}
+
+
+def format_curves(result: dict) -> str:
+    curves = result["curves"]
+    lines = []
+    for reference, candidate in result["pairs"]:
+        ref, cand, noise = curves.get(f"{reference}@0"), curves.get(f"{candidate}@0"), curves.get(f"{reference}@1")
+        if not all(isinstance(c, list) for c in (ref, cand, noise)):
+            lines.append(f"loss {candidate} vs {reference}: failed: {[c for c in (ref, cand, noise) if not isinstance(c, list)]}")
+            continue
+        diff = max(abs(a - b) for a, b in zip(cand, ref))
+        seed_noise = max(abs(a - b) for a, b in zip(noise, ref))
+        lines.append(
+            f"loss {candidate} vs {reference} ({len(ref)} steps): {reference} {ref[0]:.4f} -> {ref[-1]:.4f}, "
+            f"{candidate} {cand[0]:.4f} -> {cand[-1]:.4f}; max |diff| {diff:.4f} ({diff / ref[0]:.2%} of the first loss); "
+            f"{reference} with another LoRA seed: max |diff| {seed_noise:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def format_table(rows: list[dict], shape: Shape) -> str:
+    stock = next((r for r in rows if r["name"] == "stock" and "error" not in r), None)
+    header = f"| variant | batch | tokens/s | x stock | step s | x stock | peak GiB (alloc) | x stock | peak GiB (reserved) | TFLOP/s (4PN) | of {MATMUL_CEILING_TFLOPS:.0f} |"
+    lines = [f"sequence {shape.sequence_length} tokens ({shape.image_tokens} image + {shape.text_tokens} text, {shape.answer_tokens} labelled)", header, "|" + "---|" * 11]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['description']} | {r['batch']} | failed: {r['error']} |" + " |" * 8)
+            continue
+        ratio = (lambda key: f"{r[key] / stock[key]:.2f}") if stock else (lambda key: "-")
+        lines.append(
+            f"| {r['description']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {ratio('tokens_per_s')} | {r['step_s']:.3f} | {ratio('step_s')} "
+            f"| {r['peak_gib']:.1f} | {ratio('peak_gib')} | {r['reserved_gib']:.1f} | {r['tflops']:.0f} | {r['tflops'] / MATMUL_CEILING_TFLOPS:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def count_base_params(model) -> int:
+    """Parameters of the base model (LoRA excluded), 4-bit weights counted at their logical size."""
+    total = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else param.numel()
+    for name, buffer in model.named_buffers():
+        if name.endswith("weight_fp8"):
+            total += buffer.numel()
+    return total
+
+
+def environment(device: torch.device) -> str:
+    import peft
+    import transformers
+
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    return f"device {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # setup (bf16 weights before quantization) must not count as reserved
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_gib": math.nan, "reserved_gib": math.nan}
+    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if hasattr(torch, "_dynamo"):
+        torch._dynamo.reset()
+    from vlmtune.speed import fp8_linear
+
+    fp8_linear.use_triton_quantize = True
+
+
+if __name__ == "__main__":
+    main()

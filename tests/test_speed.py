@@ -1,0 +1,158 @@
+"""The speed levers compute what the stock path computes (on CPU, with the tiny LLaVA)."""
+
+import copy
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vlmtune.config import TinyModelConfig
+from vlmtune.models import build_tiny_vlm, lora_target_regex
+from vlmtune.speed.answer_loss import answer_loss
+from vlmtune.speed.checkpointing import enable_checkpointing
+from vlmtune.speed.fp8_linear import Float8FrozenLinear, convert_lora_base_to_fp8
+from vlmtune.speed.fused_lora import fuse_lora_linears
+from vlmtune.speed.qlora import bitsandbytes_available, prepare_qlora, quantize_to_nf4
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.detach().double() - reference.detach().double()).norm() / reference.detach().double().norm())
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    model, processor = build_tiny_vlm(TinyModelConfig())
+    return model, processor
+
+
+def vqa_batch(model, processor, batch_size=3, text_tokens=12, answer_tokens=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    image_tokens = config.image_seq_length
+    text = torch.randint(10, 200, (batch_size, text_tokens), generator=generator)
+    input_ids = torch.cat([torch.full((batch_size, image_tokens), config.image_token_index), text], dim=1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -answer_tokens:] = input_ids[:, -answer_tokens:]
+    labels[0, -1] = -100  # rows may have answers of different lengths
+    size = config.vision_config.image_size
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator),
+        "labels": labels,
+    }
+
+
+def test_answer_loss_equals_the_models_own_loss(tiny_vlm):
+    model, processor = tiny_vlm
+    batch = vqa_batch(model, processor)
+    expected = model(**batch).loss
+    assert torch.allclose(answer_loss(model, batch), expected, rtol=1e-5)
+    assert torch.allclose(answer_loss(model, batch, chunk_tokens=2), expected, rtol=1e-5)  # chunked + recomputed
+
+
+def test_answer_loss_gradients_match(tiny_vlm):
+    model, processor = tiny_vlm
+    model = copy.deepcopy(model)
+    batch = vqa_batch(model, processor, seed=1)
+    model(**batch).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    answer_loss(model, batch, chunk_tokens=3).backward()
+    for name, param in model.named_parameters():
+        if name in expected and expected[name].norm() > 1e-6:  # key biases' true gradient is 0 (softmax shift)
+            assert relative_error(param.grad, expected[name]) < 1e-4, name
+
+
+def peft_lora(model, **kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(model), **kwargs))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give it values so every gradient path is exercised
+            nn.init.normal_(param, std=0.05)
+    return model
+
+
+def test_fused_lora_matches_peft(tiny_vlm):
+    model, processor = tiny_vlm
+    stock = peft_lora(copy.deepcopy(model).to(torch.bfloat16))
+    fused = copy.deepcopy(stock)
+    assert fuse_lora_linears(fused) == sum(1 for name, _ in stock.named_modules() if name.endswith("lora_A"))
+    batch = vqa_batch(model, processor, seed=2)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    for m in (stock, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(**batch).loss
+        loss.backward()
+    grads = {name: p.grad for name, p in stock.named_parameters() if p.requires_grad}
+    assert grads
+    for name, param in fused.named_parameters():
+        if param.requires_grad:
+            assert relative_error(param.grad, grads[name]) < 2e-2, name  # bf16 rounding order differs
+
+
+def test_fused_lora_leaves_dropout_layers_to_peft(tiny_vlm):
+    model, _ = tiny_vlm
+    assert fuse_lora_linears(peft_lora(model, lora_dropout=0.1)) == 0
+
+
+def test_fp8_linear_quantizes_and_passes_gradient_to_the_input_only():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True).requires_grad_(False)
+    fp8 = Float8FrozenLinear.from_linear(linear)
+    x = torch.randn(5, 7, 64, requires_grad=True)
+    out = fp8(x)
+    reference = linear(x.detach())
+    error = relative_error(out.float(), reference)
+    assert 1e-3 < error < 6e-2  # e4m3: quantization error is real but bounded
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert relative_error(x.grad, linear.weight.sum(0).expand_as(x)) < 6e-2
+    assert not any(p.requires_grad for p in fp8.parameters())
+
+
+def test_convert_lora_base_to_fp8_can_be_limited_to_the_mlp(tiny_vlm):
+    model, _ = tiny_vlm
+    lora = peft_lora(model)
+    converted = convert_lora_base_to_fp8(lora, only=("gate_proj", "up_proj", "down_proj"))
+    layers = model.config.text_config.num_hidden_layers
+    assert converted == 3 * layers
+    assert sum(isinstance(m, Float8FrozenLinear) for m in lora.modules()) == 3 * layers
+
+
+def test_enable_checkpointing_every_second_layer(tiny_vlm):
+    model, _ = tiny_vlm
+    model = copy.deepcopy(model)
+    decoder_layers = model.config.text_config.num_hidden_layers
+    assert enable_checkpointing(model, every=2) == (decoder_layers + 1) // 2
+
+
+@pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes not installed")
+def test_qlora_keeps_non_quantized_weights_bf16(tiny_vlm):
+    import bitsandbytes as bnb
+
+    model, _ = tiny_vlm
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    count = quantize_to_nf4(model, only_under="language_model")
+    assert count == sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) > 0
+    assert not isinstance(model.get_output_embeddings(), bnb.nn.Linear4bit)
+    prepare_qlora(model)
+    dense = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
+    assert dense and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in dense)
+
+
+@pytest.mark.slow
+def test_benchmark_runs_tiny_on_cpu(tmp_path, monkeypatch, capsys):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    argv = [str(script), "--tiny", "--variants", "stock,ours_bf16,lever_fp8", "--steps", "1", "--warmup", "0",
+            "--loss-steps", "2", "--loss-pairs", "stock:ours_bf16", "--json", str(tmp_path / "out.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "| stock LoRA all-linear" in printed and "failed" not in printed
+    assert (tmp_path / "out.json").is_file()
