@@ -53,7 +53,7 @@ def _train_and_publish(spec: dict, log) -> tuple[dict, str]:
             "config": spec["config"],
             "warm_start_from": spec["warm_start_from"],
         },
-        manifest={key: spec[key] for key in ("inputs", "config", "warm_start_from", "pins")},
+        manifest={**spec["inputs"], **{key: spec[key] for key in ("inputs", "config", "warm_start_from", "pins")}},
     )
     return artifact.summary, artifact.fingerprint
 

@@ -54,6 +54,11 @@ def spec(tmp_path):
     return tmp_path, write
 
 
+def run(command: list[str]) -> None:
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def summary(root: Path, version: str) -> dict:
     return json.loads((root / "store" / "lora_adapter" / "_all" / version / "summary.json").read_text())
 
@@ -62,13 +67,13 @@ def test_two_processes_train_together_and_a_single_process_resumes_their_checkpo
     root, write = spec
     two = TrainingLauncher(num_processes=2).command("pipelines.train_worker")
     assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2"
-    subprocess.run([*two, str(write("v1", 4))], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    run([*two, str(write("v1", 4))])
     first = summary(root, "v1")
     assert first["world_size"] == 2 and first["steps"] == 4
 
     one = TrainingLauncher().command("pipelines.train_worker")
     assert one == [sys.executable, "-m", "pipelines.train_worker"]
-    subprocess.run([*one, str(write("v2", 6))], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    run([*one, str(write("v2", 6))])
     resumed = summary(root, "v2")
     assert resumed["world_size"] == 1 and resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
     assert (root / "store" / "lora_adapter" / "_all" / "v2" / "adapter_model.safetensors").is_file()

@@ -26,6 +26,8 @@ from vlmtune.collate import TrainingCollator
 from vlmtune.config import TrainConfig, as_dict
 from vlmtune.methods import apply_lora, load_base_for, load_for_training  # noqa: F401  (apply_lora: also this module's public API)
 from vlmtune.models import BaseModelRef, load_processor, parameter_counts
+from vlmtune.speed.answer_loss import answer_loss
+from vlmtune.speed.levers import apply_speed_levers
 
 Log = Callable[[str], None]
 
@@ -52,7 +54,8 @@ def train_adapter(
         log(f"warm start from the adapter in {warm_start_dir}")
     else:
         model = load_for_training(base, config)
-    summary = fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log)
+    levers = apply_speed_levers(model, config)
+    summary = {**fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log), "speed_levers": levers}
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
     (Path(out_dir) / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
@@ -128,7 +131,7 @@ def fit(
     callbacks = [ProgressLog(log, config.max_steps)]
     if args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    trainer = Trainer(
+    trainer = (AnswerLossTrainer if config.answer_only_loss and config.method != "full" else Trainer)(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -187,6 +190,18 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
             return str(folder)
         shutil.rmtree(folder, ignore_errors=True)
     return None
+
+
+class AnswerLossTrainer(Trainer):
+    """The Trainer with the training loss computed on answer positions only (vlmtune.speed.answer_loss):
+    the same value as the model's own loss without full-vocabulary logits for every prompt token."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Evaluation wants the outputs; and under DDP the forward must go through the wrapper, whose
+        # hooks synchronise gradients, so both take the model's own loss.
+        if return_outputs or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return answer_loss(model, inputs)
 
 
 class ProgressLog(TrainerCallback):
