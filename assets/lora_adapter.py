@@ -24,6 +24,10 @@ class TrainOverrides(dg.Config):
     lora_on_vision: bool | None = None
     train_projector: bool | None = None
     gradient_checkpointing: bool | None = None
+    answer_only_loss: bool | None = None
+    fused_lora: bool | None = None
+    compile: bool | None = None  # torch.compile the decoder layers (GPU)
+    fp8_base: str | None = None  # "off", "all" or "mlp" (GPU with compute capability >= 8.9)
     learning_rate: float | None = None
     max_steps: int | None = None
     batch_size: int | None = None

@@ -30,7 +30,11 @@ def pipeline(tmp_path_factory):
 
 
 def materializations(instance, run_id):
-    return sorted({event.asset_key.to_user_string() for event in instance.all_logs(run_id) if event.is_dagster_event and event.dagster_event.is_step_materialization})
+    return sorted({
+        entry.dagster_event.asset_key.to_user_string()
+        for entry in instance.all_logs(run_id)
+        if entry.is_dagster_event and entry.dagster_event.is_step_materialization
+    })
 
 
 def test_a_new_drop_costs_only_its_own_processing_and_triggers_retraining(pipeline, capsys):
@@ -70,21 +74,24 @@ def test_a_killed_training_run_resumes_from_its_checkpoint_on_reexecution(pipeli
     config = tmp_path / "run.yaml"
     config.write_text("ops:\n  lora_adapter:\n    config:\n      max_steps: 400\n      seed: 7\n")
     child_env = {**os.environ, **env}
+    job_log = tmp_path / "job.log"
     job = subprocess.Popen(
         [sys.executable, "-m", "dagster", "job", "execute", "-m", "pipelines.definitions", "-j", "train_and_ship", "-c", str(config)],
-        env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=child_env, stdout=job_log.open("w"), stderr=subprocess.STDOUT,
     )
-    checkpoints = Path(env["VQA_HOME"]) / "_work" / "lora_adapter"
+    work = Path(env["VQA_HOME"]) / "_work" / "lora_adapter" / "_all"
+    earlier_versions = set(work.iterdir())
     worker = None
     deadline = time.time() + 240
     while time.time() < deadline and job.poll() is None:
-        if any(checkpoints.glob("*/checkpoints/checkpoint-*/trainer_state.json")):
+        new_versions = set(work.iterdir()) - earlier_versions
+        if any(next(version.glob("checkpoints/checkpoint-*/trainer_state.json"), None) for version in new_versions):
             worker = _find_process("pipelines.train_worker")
             if worker:
                 os.kill(worker, signal.SIGKILL)
                 break
         time.sleep(0.05)
-    assert worker, "the trainer never wrote a checkpoint"
+    assert worker, f"the trainer never wrote a checkpoint: {job_log.read_text()[-3000:]}"
     assert job.wait(timeout=120) != 0, "the run fails when its trainer is killed"
 
     [failed] = instance.get_runs(filters=dg.RunsFilter(job_name="train_and_ship", statuses=[dg.DagsterRunStatus.FAILURE]), limit=1)
