@@ -168,14 +168,14 @@ def _print_headline(timings: dict[str, float], total: float) -> None:
     merged = store.require_current("merged_model")
     summary = report.summary
     print("\n[vlmtune] done in {:.0f}s ({})".format(total, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())))
-    print(f"  accuracy          {summary['accuracy']:.1%} on {summary['n']} test questions")
+    print(f"  {'accuracy':<27}{summary['accuracy']:.1%} on {summary['n']} test questions")
     for name, value in summary["baselines"].items():
-        print(f"  baseline {name:<9}{value:.1%}")
+        print(f"  {'baseline ' + name:<27}{value:.1%}")
     for name, value in summary["per_answer_type"].items():
-        print(f"  {name:<18}{value:.1%}")
-    print(f"  adapter           {adapter.path} ({adapter.summary['trainable_share']:.2%} of parameters trained)")
-    print(f"  merged model      {merged.path} (max logit diff {merged.summary['max_logit_diff']:.2e})")
-    print(f"  report            {report.path / 'report.md'}")
+        print(f"  {name:<27}{value:.1%}")
+    print(f"  {'adapter':<27}{adapter.path} ({adapter.summary['trainable_share']:.2%} of parameters trained)")
+    print(f"  {'merged model':<27}{merged.path} (max logit diff {merged.summary['max_logit_diff']:.2e})")
+    print(f"  {'report':<27}{report.path / 'report.md'}")
 
 
 if __name__ == "__main__":
