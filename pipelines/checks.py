@@ -9,12 +9,13 @@ from assets.lora_adapter import lora_adapter
 from assets.merged_model import merged_model
 from assets.tokenized_dataset import tokenized_dataset
 from pipelines.partitions import drops_partitions
-from resources import ArtifactStoreResource
+from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune import formats
 from vlmtune.adapter_checks import adapter_report
 from vlmtune.base_model import PROCESSOR_DIR
 from vlmtune.dataset_checks import tokenized_dataset_problems
 from vlmtune.models import load_processor
+from vlmtune.promotion import promotion_problems
 
 
 @dg.asset_check(asset=clean_samples, description="Every record of every drop is kept or quarantined: n_in == n_kept + n_quarantined.")
@@ -63,11 +64,23 @@ def lora_really_trained(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult
     )
 
 
-@dg.asset_check(asset=evaluation_report, blocking=True, description="The adapter beats the blind (question-only) baseline; otherwise it is not merged.")
-def beats_blind_baseline(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=evaluation_report,
+    blocking=True,
+    description="Ship only an adapter that beats the blind baseline, is not worse than the previous version beyond a tolerance, and stops its answers by itself.",
+)
+def ready_to_ship(artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.AssetCheckResult:
     summary = artifacts.store().require_current("evaluation_report").summary
-    accuracy, blind = summary["accuracy"], summary["baselines"]["blind"]
-    return dg.AssetCheckResult(passed=accuracy > blind, metadata={"accuracy": accuracy, "blind": blind, "margin": accuracy - blind})
+    problems = promotion_problems(summary, settings.config().eval)
+    baselines = summary["baselines"]
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "accuracy": summary["accuracy"], "blind": baselines["blind"], "margin_over_blind": summary["accuracy"] - baselines["blind"],
+            "previous_adapter": baselines.get("previous_adapter", "none"), "hit_max_new_tokens_rate": summary["hit_max_new_tokens_rate"],
+            "problems": "; ".join(problems) or "none",
+        },
+    )
 
 
 @dg.asset_check(asset=evaluation_report, description="Accuracy drops (paired 95 % CI above zero) when each question gets another sample's image: the model reads the image.")

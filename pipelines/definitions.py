@@ -14,10 +14,10 @@ from assets.merged_model import merged_model
 from assets.raw_samples import raw_samples
 from assets.tokenized_dataset import tokenized_dataset
 from pipelines.checks import (
-    beats_blind_baseline,
     clean_counts_conserved,
     lora_really_trained,
     merged_matches_adapter,
+    ready_to_ship,
     tokenized_dataset_sound,
     uses_the_image,
 )
@@ -28,7 +28,7 @@ from resources import ArtifactStoreResource, BaseModelResource, DropsResource, P
 from vlmtune.config import TINY_MODEL_ID
 
 ASSETS = [raw_samples, clean_samples, base_model, tokenized_dataset, lora_adapter, full_finetune_reference, evaluation_report, merged_model]
-CHECKS = [clean_counts_conserved, tokenized_dataset_sound, lora_really_trained, beats_blind_baseline, uses_the_image, merged_matches_adapter]
+CHECKS = [clean_counts_conserved, tokenized_dataset_sound, lora_really_trained, ready_to_ship, uses_the_image, merged_matches_adapter]
 
 
 def build_definitions(

@@ -19,7 +19,7 @@ from vlmtune.easyvqa import write_demo_drops
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["raw_samples", "clean_samples", "tokenized_dataset", "lora_adapter", "evaluation_report", "merged_model"]
-CHECKS = {"clean_counts_conserved", "tokenized_dataset_sound", "beats_blind_baseline", "merged_matches_adapter"}
+CHECKS = {"clean_counts_conserved", "tokenized_dataset_sound", "ready_to_ship", "merged_matches_adapter"}
 
 
 class Dagit:

@@ -15,7 +15,7 @@ STAGES = ["raw_samples", "clean_samples", "base_model", "tokenized_dataset", "lo
 CHECKS = [
     ("clean_samples", "clean_counts_conserved"),
     ("tokenized_dataset", "tokenized_dataset_sound"),
-    ("evaluation_report", "beats_blind_baseline"),
+    ("evaluation_report", "ready_to_ship"),
     ("merged_model", "merged_matches_adapter"),
 ]
 

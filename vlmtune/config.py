@@ -135,6 +135,10 @@ class EvalConfig:
     n_worst: int = 20  # worst-answered examples shown with their images in the report
     max_worst_candidates: int = 512  # wrong answers whose reference-answer loss is computed to rank them
     seed: int = 0  # test subset, image-shuffle pairing and bootstrap
+    # Promotion gate (the blocking `ready_to_ship` check): an adapter is merged only if it beats the
+    # blind baseline, loses at most this much accuracy against the previous version, and stops by itself.
+    max_regression: float = 0.01
+    max_unfinished_rate: float = 0.05  # share of answers that ran into max_new_tokens (LLaMA-Factory #7943)
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,8 @@ def profile_config(profile: Profile) -> PipelineConfig:
         return PipelineConfig(
             tiny_model=TinyModelConfig(pretrain_max_samples=6_000, pretrain_steps=200, pretrain_batch_size=32),
             train=TrainConfig(max_steps=30, batch_size=16, eval_steps=10, max_eval_samples=64, gradient_checkpointing=False),
-            eval=EvalConfig(max_samples=200, batch_size=100),
+            # 200 test questions: one answer is 0.5 %, so the regression gate allows for that noise
+            eval=EvalConfig(max_samples=200, batch_size=100, max_regression=0.05),
             demo_data=DemoDataConfig(max_finetune_samples=600, max_test_samples=300),
         )
     raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")

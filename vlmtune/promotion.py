@@ -1,0 +1,22 @@
+"""Whether an evaluated adapter may be shipped (merged): the rules behind the blocking check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmtune.config import EvalConfig
+
+
+def promotion_problems(summary: dict[str, Any], config: EvalConfig) -> list[str]:
+    """Every reason not to ship the adapter this evaluation summary describes; empty means ship it."""
+    problems = []
+    accuracy, baselines = summary["accuracy"], summary["baselines"]
+    if not accuracy > baselines["blind"]:
+        problems.append(f"accuracy {accuracy:.1%} does not beat the blind (question-only) baseline {baselines['blind']:.1%}")
+    previous = baselines.get("previous_adapter")
+    if previous is not None and accuracy < previous - config.max_regression:
+        problems.append(f"accuracy {accuracy:.1%} is more than {config.max_regression:.1%} below the previous adapter's {previous:.1%}")
+    unfinished = summary["hit_max_new_tokens_rate"]
+    if unfinished > config.max_unfinished_rate:
+        problems.append(f"{unfinished:.1%} of answers ran into max_new_tokens without stopping (limit {config.max_unfinished_rate:.1%})")
+    return problems
