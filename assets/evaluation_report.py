@@ -9,6 +9,8 @@ from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune.artifacts import fingerprint, read_json
 from vlmtune.base_model import ref_from_summary
 from vlmtune.config import as_dict
+from vlmtune.models import load_processor
+from vlmtune.pinning import check_pins
 from vlmtune.evaluate import evaluate_adapter, full_reference_matches, pick_previous_adapter
 
 CODE_VERSION = "2"
@@ -25,6 +27,7 @@ def evaluation_report(
     store = artifacts.store()
     base, data, adapter = (store.require_current(name) for name in ("base_model", "tokenized_dataset", "lora_adapter"))
     config = settings.config().eval
+    check_pins(load_processor(adapter.path), data.summary["pins"], "evaluation")  # one template, one pixel budget
     history = context.instance.fetch_materializations(dg.AssetKey("lora_adapter"), limit=1000).records
     previous, previous_note = pick_previous_adapter(
         [(r.asset_materialization.metadata["fingerprint"].value, r.asset_materialization.metadata["path"].value) for r in history],

@@ -5,6 +5,8 @@ from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune.artifacts import fingerprint
 from vlmtune.base_model import ref_from_summary
 from vlmtune.config import as_dict
+from vlmtune.models import load_processor
+from vlmtune.pinning import check_pins
 from vlmtune.merge import merge_adapter
 
 CODE_VERSION = "2"
@@ -18,6 +20,7 @@ def merged_model(context: dg.AssetExecutionContext, artifacts: ArtifactStoreReso
     store = artifacts.store()
     base, data, adapter, report = (store.require_current(name) for name in ("base_model", "tokenized_dataset", "lora_adapter", "evaluation_report"))
     config = settings.config().merge
+    check_pins(load_processor(adapter.path), data.summary["pins"], "merging")  # one template, one pixel budget
     version = fingerprint("merged_model", CODE_VERSION, adapter.fingerprint, data.fingerprint, report.fingerprint, as_dict(config))
     artifact = store.build(
         "merged_model",

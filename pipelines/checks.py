@@ -16,6 +16,7 @@ from vlmtune.base_model import PROCESSOR_DIR
 from vlmtune.dataset_checks import tokenized_dataset_problems
 from vlmtune.models import load_processor
 from vlmtune.promotion import promotion_problems
+from vlmtune.self_contained import self_contained_problems
 
 
 @dg.asset_check(asset=clean_samples, description="Every record of every drop is kept or quarantined: n_in == n_kept + n_quarantined.")
@@ -95,9 +96,12 @@ def uses_the_image(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=merged_model, description="The reloaded merged model matches base + adapter: logits within the dtype's tolerance, identical greedy answers.")
+@dg.asset_check(asset=merged_model, description="The reloaded merged model matches base + adapter (logits within the dtype's tolerance, identical greedy answers) and is self-contained: safetensors, processor with the pinned template and pixel budget, generation config.")
 def merged_matches_adapter(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
-    summary = artifacts.store().require_current("merged_model").summary
-    passed = summary["within_tolerance"] and summary["answers_identical"] and summary["n_check_samples"] > 0
+    store = artifacts.store()
+    merged, data = store.require_current("merged_model"), store.require_current("tokenized_dataset")
+    summary = merged.summary
+    missing = self_contained_problems(merged.path, data.summary["pins"])
+    passed = summary["within_tolerance"] and summary["answers_identical"] and summary["n_check_samples"] > 0 and not missing
     keys = ("max_logit_diff", "mean_logit_diff", "tolerance", "dtype", "answers_identical", "answers_agreeing", "n_check_samples")
-    return dg.AssetCheckResult(passed=passed, metadata={key: summary[key] for key in keys})
+    return dg.AssetCheckResult(passed=passed, metadata={**{key: summary[key] for key in keys}, "self_contained_problems": "; ".join(missing) or "none"})

@@ -119,3 +119,13 @@ def test_a_drop_with_nothing_kept_still_makes_a_loadable_shard(tiny_processor, t
     assembled.mkdir()
     assert assemble_splits([out], assembled)["splits"] == {"train": 0, "validation": 0, "test": 0}
     assert set(datasets.load_from_disk(str(assembled / "dataset"))) == {"train", "validation", "test"}
+
+
+def test_a_template_that_loses_the_image_placeholder_fails_loudly(tiny_processor):
+    from vlmtune.config import TinyModelConfig
+    from vlmtune.models import build_tiny_processor
+
+    broken = build_tiny_processor(TinyModelConfig())
+    broken.chat_template = broken.chat_template.replace("<image>", "")  # a template that forgot the image part
+    with pytest.raises(ValueError, match="placeholders for 1 image"):
+        encode_batch(broken, ["what is it?"], ["red"], [png_bytes((64, 64))])

@@ -201,6 +201,7 @@ def encode_batch(processor, questions: list[str], answers: list[str], images: li
     end_token_id = tokenizer.convert_tokens_to_ids(answer_format.end_token)
     pil_images = [_as_pil(image) for image in images]
     prompts = [build_prompt(processor, question) for question in questions]
+    check_placeholders(processor, prompts, images_per_prompt=1)
     prompt_ids = _processed_prompt_ids(processor, prompts, pil_images)
     examples = []
     for prompt_text, prompt, answer in zip(prompts, prompt_ids, answers):
@@ -214,6 +215,17 @@ def encode_batch(processor, questions: list[str], answers: list[str], images: li
             }
         )
     return examples
+
+
+def check_placeholders(processor, prompts: list[str], images_per_prompt: int) -> None:
+    """One image placeholder per image in every prompt, or the processor would pair text and pixels wrongly
+    (LLaMA-Factory #7909, #5658): a template that drops or repeats the image part fails here, loudly."""
+    image_token = getattr(processor, "image_token", "<image>")
+    wrong = [prompt for prompt in prompts if prompt.count(image_token) != images_per_prompt]
+    if wrong:
+        raise ValueError(
+            f"{len(wrong)} prompt(s) hold {wrong[0].count(image_token)} {image_token!r} placeholders for {images_per_prompt} image(s): {wrong[0][:200]!r}"
+        )
 
 
 def build_prompt(processor, question: str) -> str:
