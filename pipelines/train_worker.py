@@ -68,6 +68,7 @@ def _train(spec: dict, out: Path, log) -> dict:
         checkpoint_dir=Path(spec["checkpoint_dir"]),
         log=log,
         warm_start_dir=Path(spec["warm_start_dir"]) if spec["warm_start_dir"] else None,
+        manifest={key: spec[key] for key in ("inputs", "pins", "warm_start_from")},
     )
 
 

@@ -77,3 +77,20 @@ def test_two_processes_train_together_and_a_single_process_resumes_their_checkpo
     resumed = summary(root, "v2")
     assert resumed["world_size"] == 1 and resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
     assert (root / "store" / "lora_adapter" / "_all" / "v2" / "adapter_model.safetensors").is_file()
+
+
+def test_training_logs_metrics_and_the_manifest_to_tensorboard(spec):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, write = spec
+    run([*TrainingLauncher().command("pipelines.train_worker"), str(write("tb", 4))])
+    runs = root / "checkpoints" / "runs"
+    manifest_events = EventAccumulator(str(runs / "manifest"), size_guidance={"tensors": 0})
+    manifest_events.Reload()
+    [text] = manifest_events.Tensors("manifest/text_summary")
+    logged = text.tensor_proto.string_val[0].decode()
+    assert '"pins"' in logged and '"git_commit"' in logged and '"learning_rate"' in logged
+    metric_runs = [path for path in runs.iterdir() if path.name != "manifest"]
+    metrics = EventAccumulator(str(metric_runs[0]))
+    metrics.Reload()
+    assert "train/loss" in metrics.Tags()["scalars"]

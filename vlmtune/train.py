@@ -27,7 +27,9 @@ from vlmtune.config import TrainConfig, as_dict
 from vlmtune.methods import apply_lora, load_base_for, load_for_training  # noqa: F401  (apply_lora: also this module's public API)
 from vlmtune.models import BaseModelRef, load_processor, parameter_counts
 from vlmtune.speed.answer_loss import answer_loss
+from vlmtune.provenance import provenance
 from vlmtune.speed.levers import apply_speed_levers
+from vlmtune.tracking import TENSORBOARD_DIR, ManifestToTrackers, report_to
 
 Log = Callable[[str], None]
 
@@ -41,6 +43,7 @@ def train_adapter(
     checkpoint_dir: Path,
     log: Log = print,
     warm_start_dir: Path | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train on `dataset_dir` (a saved DatasetDict) and save the adapter (or full model) with its processor.
 
@@ -55,7 +58,8 @@ def train_adapter(
     else:
         model = load_for_training(base, config)
     levers = apply_speed_levers(model, config)
-    summary = {**fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log), "speed_levers": levers}
+    run_manifest = {**(manifest or {}), "config": as_dict(config), "base_model": base.to_dict(), **provenance()}
+    summary = {**fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log, run_manifest), "speed_levers": levers}
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
     (Path(out_dir) / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
@@ -86,8 +90,12 @@ def fit(
     config: TrainConfig,
     checkpoint_dir: Path,
     log: Log = print,
+    manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the Trainer; resume from the newest checkpoint in `checkpoint_dir` if a previous run was killed."""
+    """Run the Trainer; resume from the newest checkpoint in `checkpoint_dir` if a previous run was killed.
+
+    Metrics and `manifest` go to TensorBoard under `checkpoint_dir/runs` (and MLflow when asked for).
+    """
     if train_set.num_rows == 0:
         raise ValueError("the training split is empty: no drop contributed train samples")
     if config.max_train_samples is not None:
@@ -116,7 +124,7 @@ def fit(
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=max(1, min(10, config.eval_steps)),
-        report_to=[],
+        report_to=report_to(),  # TensorBoard writes under checkpoint_dir/runs/
         remove_unused_columns=False,  # the collator needs the image and prompt columns
         bf16=use_bf16,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -128,7 +136,7 @@ def fit(
         data_seed=config.seed,
         disable_tqdm=True,
     )
-    callbacks = [ProgressLog(log, config.max_steps)]
+    callbacks = [ProgressLog(log, config.max_steps), ManifestToTrackers(manifest or {"config": as_dict(config)}, Path(checkpoint_dir) / TENSORBOARD_DIR / "manifest")]
     if args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = (AnswerLossTrainer if config.answer_only_loss and config.method != "full" else Trainer)(
