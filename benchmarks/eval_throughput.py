@@ -20,7 +20,7 @@ import torch
 from vlmtune.config import TinyModelConfig
 from vlmtune.generate import greedy_answers
 from vlmtune.models import build_tiny_vlm, load_processor
-from vlmtune.tokenization import TOKENIZED_FEATURES, encode_batch
+from vlmtune.tokenization import dataset_from_rows, encode_batch
 
 
 def main() -> None:
@@ -66,11 +66,10 @@ def easyvqa_test_rows(processor, n: int) -> datasets.Dataset:
     paths = easy_vqa.get_test_image_paths()
     images = [Path(paths[image_id]).read_bytes() for image_id in image_ids[:n]]
     encoded = encode_batch(processor, questions[:n], answers[:n], images)
-    return datasets.Dataset.from_list(
+    return dataset_from_rows(
         [{"sample_id": str(i), "drop": "easyvqa-test", "split": "test", "image_sha256": "", "image": {"bytes": image, "path": None},
           "question": q, "answer": a, "answer_type": "", "question_type": "", **example}
-         for i, (q, a, image, example) in enumerate(zip(questions, answers, images, encoded))],
-        features=TOKENIZED_FEATURES,
+         for i, (q, a, image, example) in enumerate(zip(questions, answers, images, encoded))]
     )
 
 
