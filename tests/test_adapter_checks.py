@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from vlmtune.adapter_checks import adapter_report
 from vlmtune.config import TinyModelConfig, TrainConfig
 from vlmtune.models import build_tiny_vlm
-from vlmtune.train import apply_lora
+from vlmtune.methods import apply_lora
 
 
 def saved_adapter(tmp_path, train=True):

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from conftest import png_bytes
 from vlmtune.config import MergeConfig, TinyModelConfig
 from vlmtune.merge import checkpoint_key, merge_adapter, merge_dtype
-from vlmtune.models import BaseModelRef, build_tiny_vlm, lora_target_regex
+from vlmtune.families import lora_target_regex
+from vlmtune.models import BaseModelRef, build_tiny_vlm
 from vlmtune.tokenization import dataset_from_rows, encode_batch
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from vlmtune.config import TinyModelConfig
-from vlmtune.models import build_tiny_vlm, lora_target_regex
+from vlmtune.families import lora_target_regex
+from vlmtune.models import build_tiny_vlm
 from vlmtune.speed.answer_loss import answer_loss
 from vlmtune.speed.checkpointing import enable_checkpointing
 from vlmtune.speed.fp8_linear import Float8FrozenLinear, convert_lora_base_to_fp8

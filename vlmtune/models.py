@@ -17,7 +17,6 @@ from torch import nn
 
 from vlmtune.config import TINY_MODEL_ID, TinyModelConfig
 from vlmtune.families import check_remote_code_support
-from vlmtune.families import language_model_prefix, lora_target_regex, projector_module_names  # noqa: F401  (callers predating families.py)
 
 IMAGE_TOKEN = "<image>"
 # The tiny model's conversation format, kept short because every byte is a token.

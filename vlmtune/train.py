@@ -24,7 +24,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 
 from vlmtune.collate import TrainingCollator
 from vlmtune.config import TrainConfig, as_dict
-from vlmtune.methods import apply_lora, load_base_for, load_for_training  # noqa: F401  (apply_lora: also this module's public API)
+from vlmtune.methods import load_base_for, load_for_training
 from vlmtune.models import BaseModelRef, load_processor, parameter_counts
 from vlmtune.speed.answer_loss import answer_loss
 from vlmtune.provenance import provenance
