@@ -94,3 +94,19 @@ def test_training_logs_metrics_and_the_manifest_to_tensorboard(spec):
     metrics = EventAccumulator(str(metric_runs[0]))
     metrics.Reload()
     assert "train/loss" in metrics.Tags()["scalars"]
+
+
+def test_with_a_tracking_uri_the_manifest_and_metrics_go_to_mlflow(spec, tmp_path, monkeypatch):
+    import pytest
+
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is optional; install it to log to a tracking server")
+    root, write = spec
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a plain folder keeps the test self-contained
+    run([*TrainingLauncher().command("pipelines.train_worker"), str(write("mlflow", 4))])
+    [experiment] = [e for e in mlflow.MlflowClient(tracking_uri=store.as_uri()).search_experiments() if e.name == "Default"]
+    [logged] = mlflow.MlflowClient(tracking_uri=store.as_uri()).search_runs([experiment.experiment_id])
+    artifacts = [item.path for item in mlflow.MlflowClient(tracking_uri=store.as_uri()).list_artifacts(logged.info.run_id)]
+    assert "manifest.json" in artifacts
+    assert "train_loss" in logged.data.metrics or "loss" in logged.data.metrics
