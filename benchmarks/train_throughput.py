@@ -8,6 +8,7 @@ run on the same GPU. A loss-curve check then trains stock and ours on identical 
     python benchmarks/train_throughput.py                      # default rows on one GPU
     python benchmarks/train_throughput.py --variants stock,ours_fp8 --steps 10
     python benchmarks/train_throughput.py --tiny               # a tiny LLaVA on CPU: a sanity check only
+    python benchmarks/train_throughput.py --gpus 2             # DDP scaling: tokens/s per GPU on 2 GPUs vs 1
 
 Stock: bf16 weights, bf16 autocast, torch AdamW, PEFT LoRA r=16 (alpha 32, no dropout), SDPA
 attention, `model(**batch).loss`. QLoRA stock: nf4 + double quantization + bf16 compute, then
@@ -156,7 +157,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile for one step (top kernels)")
     parser.add_argument("--profile-dir", type=Path, default=Path("."), help="where the profile tables go")
+    parser.add_argument("--gpus", type=int, default=0, help="measure DDP scaling on this many GPUs (gloo processes with --tiny on CPU)")
+    parser.add_argument("--scaling-variant", default="stock", help="the variant whose scaling --gpus measures")
     args = parser.parse_args()
+    if args.gpus:
+        return print_scaling(args, parser)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
@@ -195,6 +200,43 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"environment": environment(device), "rows": rows, "curves": curves}, indent=2))
+
+
+class VariantBuilder:
+    """Builds a named variant in a spawned rank (a module-level class, so it pickles)."""
+
+    def __init__(self, tiny: bool):
+        self.tiny = tiny
+
+    def variant(self, name: str) -> Variant:
+        variant = VARIANTS[name]
+        return replace(variant, batch=max(1, variant.batch // 4)) if self.tiny else variant
+
+    def batch_of(self, name: str) -> int:
+        return self.variant(name).batch
+
+    def __call__(self, name: str, shape: Shape, device: torch.device, lr: float):
+        return build_training(self.variant(name), shape, device, lr, lora_seed=0)
+
+
+def print_scaling(args, parser) -> None:
+    from scaling import measure_scaling
+
+    if not args.tiny and torch.cuda.device_count() < args.gpus:
+        parser.error(f"--gpus {args.gpus} needs {args.gpus} GPUs; {torch.cuda.device_count()} visible (use --tiny for CPU processes)")
+    if args.scaling_variant not in VARIANTS:
+        parser.error(f"unknown variant {args.scaling_variant!r}")
+    shape = TINY if args.tiny else Shape()
+    rows = measure_scaling(args.scaling_variant, args.gpus, args.steps, args.warmup, VariantBuilder(args.tiny), make_batches, shape, args.lr)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(environment(device))
+    print(f"DDP scaling of {args.scaling_variant!r}, batch {VariantBuilder(args.tiny).batch_of(args.scaling_variant)} per process")
+    print(f"{'processes':>9}{'step s':>9}{'tokens/s':>11}{'per process':>13}{'efficiency':>12}")
+    for row in rows:
+        print(f"{row['world_size']:>9}{row['step_s']:>9.3f}{row['tokens_per_s']:>11,.0f}{row['tokens_per_s_per_gpu']:>13,.0f}{row['efficiency']:>11.1%}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": environment(device), "scaling": rows}, indent=2))
 
 
 def run_variant(name: str, variant: Variant, shape: Shape, device: torch.device, args) -> dict:

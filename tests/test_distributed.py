@@ -110,3 +110,11 @@ def test_with_a_tracking_uri_the_manifest_and_metrics_go_to_mlflow(spec, tmp_pat
     artifacts = [item.path for item in mlflow.MlflowClient(tracking_uri=store.as_uri()).list_artifacts(logged.info.run_id)]
     assert "manifest.json" in artifacts
     assert "train_loss" in logged.data.metrics or "loss" in logged.data.metrics
+
+
+def test_the_scaling_benchmark_runs_data_parallel_processes(tmp_path):
+    result = tmp_path / "scaling.json"
+    run([sys.executable, "benchmarks/train_throughput.py", "--tiny", "--gpus", "2", "--steps", "2", "--warmup", "1", "--json", str(result)])
+    rows = json.loads(result.read_text())["scaling"]
+    assert [row["world_size"] for row in rows] == [1, 2]
+    assert rows[0]["efficiency"] == 1.0 and all(row["tokens_per_s"] > 0 for row in rows)
