@@ -4,6 +4,7 @@ import json
 import dagster as dg
 
 from assets.results import materialize_result
+from pipelines.train_worker import REPORTED
 from resources import ArtifactStoreResource, PipelineSettings, TrainingLauncher
 from vlmtune.artifacts import fingerprint, write_json
 from vlmtune.base_model import PROCESSOR_DIR, ref_from_summary
@@ -79,8 +80,7 @@ def lora_adapter(
 
 
 def _reported(summary: dict) -> dict:
-    keys = ("method", "steps", "resumed_from_step", "train_loss_last", "trainable_params", "trainable_share", "train_seconds", "drops")
-    return {key: summary[key] for key in keys if summary.get(key) is not None} | {
+    return {key: summary[key] for key in REPORTED if summary.get(key) is not None} | {
         "best_eval_loss": summary["best_eval_loss"] if summary.get("best_eval_loss") is not None else float("nan"),
         "trained_on": json.dumps(summary["inputs"]["drop_versions"]),
         "warm_start_from": str(summary.get("warm_start_from")),
