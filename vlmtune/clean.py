@@ -19,6 +19,7 @@ import hashlib
 import io
 import unicodedata
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,7 @@ def clean_drop(raw_dir: Path, drop_dir: Path, out_dir: Path, config: CleanConfig
         _write_clean(kept, images, out_dir / formats.CLEAN_SAMPLES_FILE)
         all_quarantined = pa.concat_tables([raw_quarantine, pa.Table.from_pylist(quarantine.rows, schema=formats.QUARANTINE_SCHEMA)])
         pq.write_table(all_quarantined, out_dir / formats.QUARANTINE_FILE)
-    reasons: dict[str, int] = {}
-    for reason in all_quarantined.column("reason").to_pylist():
-        reasons[reason] = reasons.get(reason, 0) + 1
+    reasons = Counter(all_quarantined.column("reason").to_pylist())
     kept_images = {row["image_sha256"] for row in kept}
     return {
         "n_in": len(raw) + raw_quarantine.num_rows,
