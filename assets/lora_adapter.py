@@ -28,7 +28,7 @@ class TrainOverrides(dg.Config):
     answer_only_loss: bool | None = None
     fused_lora: bool | None = None
     compile: bool | None = None  # torch.compile the decoder layers (GPU)
-    fp8_base: str | None = None  # "off", "all" or "mlp" (GPU with compute capability >= 8.9)
+    fp8_base: str | None = None  # "off", "backward" (grad-input only, bf16 loss), "all" or "mlp" (GPU with compute capability >= 8.9)
     learning_rate: float | None = None
     max_steps: int | None = None
     batch_size: int | None = None

@@ -57,6 +57,7 @@ class Variant:
     answer_loss: bool = False
     fp8: bool = False
     fp8_backward: Literal["fp8", "bf16"] = "fp8"  # grad-input through FP8 or through a kept bf16 weight
+    fp8_forward: Literal["fp8", "bf16"] = "fp8"  # the forward through FP8 or through the bf16 weight (exact loss)
     fp8_mlp_only: bool = False  # FP8 for gate/up/down only; attention projections stay bf16
     fused_adamw: bool = False
     bf16_lora_inputs: bool = False
@@ -91,6 +92,9 @@ VARIANTS: dict[str, Variant] = {
     "ours_fp8_compile": Variant("ours fp8 + compiled decoder layers", fp8=True, compile=True, **OURS),
     "ours_fp8mlp_compile": Variant("ours fp8 MLP only + compiled", fp8=True, fp8_mlp_only=True, compile=True, **OURS),
     "ours_fp8fwd_compile": Variant("ours fp8 fwd / bf16 grad-in + compiled", fp8=True, fp8_backward="bf16", compile=True, **OURS),
+    "ours_fp8bwd_compile": Variant("ours bf16 fwd / fp8 grad-in + compiled", fp8=True, fp8_forward="bf16", compile=True, **OURS),
+    "ours_fp8bwd_mlp_compile": Variant("ours bf16 fwd / fp8 grad-in on the MLP + compiled", fp8=True, fp8_forward="bf16", fp8_mlp_only=True, compile=True, **OURS),
+    "ours_fp8bwd": Variant("ours bf16 fwd / fp8 grad-in", fp8=True, fp8_forward="bf16", **OURS),
     "ours_qlora_lm_compile": Variant("ours QLoRA, bf16 vision, ckpt, compiled, b8", quantize_vision=False, compile=True, **OURS_QLORA),
     "ours_fp8_ckpt_b16": Variant("ours fp8 + ckpt, b16", batch=16, fp8=True, checkpointing="nonreentrant", **OURS),
     "ours_qlora": Variant("ours QLoRA all-linear + ckpt, b8", **OURS_QLORA),
@@ -367,7 +371,8 @@ def build_training(variant: Variant, shape: Shape, device: torch.device, lr: flo
     if variant.bf16_lora_inputs:
         keep_lora_inputs_bf16(model)
     if variant.fp8:
-        convert_lora_base_to_fp8(model, backward=variant.fp8_backward, only=("gate_proj", "up_proj", "down_proj") if variant.fp8_mlp_only else None)
+        convert_lora_base_to_fp8(model, backward=variant.fp8_backward, forward=variant.fp8_forward,
+                                 only=("gate_proj", "up_proj", "down_proj") if variant.fp8_mlp_only else None)
     if variant.fused_lora:
         fuse_lora_linears(model)
     if variant.compile:
@@ -524,9 +529,10 @@ def count_base_params(model) -> int:
             continue
         shape = getattr(getattr(param, "quant_state", None), "shape", None)
         total += math.prod(shape) if shape is not None else param.numel()
-    for name, buffer in model.named_buffers():
-        if name.endswith("weight_fp8"):
-            total += buffer.numel()
+    from vlmtune.speed.fp8_linear import Float8FrozenLinear
+
+    # FP8 layers hold their weight in buffers (one or two copies): count each layer once
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Float8FrozenLinear))
     return total
 
 

@@ -117,6 +117,22 @@ def test_fp8_linear_quantizes_and_passes_gradient_to_the_input_only():
     assert not any(p.requires_grad for p in fp8.parameters())
 
 
+def test_fp8_on_the_backward_only_leaves_the_forward_exact():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True).requires_grad_(False)
+    x = torch.randn(5, 7, 64, requires_grad=True)
+    reference = linear(x.detach().to(torch.bfloat16).float())
+    fp8 = Float8FrozenLinear.from_linear(linear, forward="bf16")
+    out = fp8(x)
+    assert fp8.weight_fp8 is None and fp8.weight_t_fp8 is not None  # the forward never sees an FP8 weight
+    assert relative_error(out.float(), reference) < 1e-2  # bf16 rounding only
+    out.float().sum().backward()
+    error = relative_error(x.grad, linear.weight.sum(0).expand_as(x))
+    assert 1e-3 < error < 6e-2  # the grad-input did go through e4m3
+    with pytest.raises(ValueError, match="neither direction"):
+        convert_lora_base_to_fp8(nn.Sequential(), forward="bf16", backward="bf16")
+
+
 def test_convert_lora_base_to_fp8_can_be_limited_to_the_mlp(tiny_vlm):
     model, _ = tiny_vlm
     lora = peft_lora(model)

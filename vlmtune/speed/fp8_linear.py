@@ -21,13 +21,14 @@ from torch import nn
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-Backward = Literal["fp8", "bf16"]
+Precision = Literal["fp8", "bf16"]
+Backward = Precision
 # Off under torch.compile: Inductor fuses the eager quantization into one kernel by itself, and
 # tracing the backward must not launch a Triton kernel on fake tensors.
 use_triton_quantize = True
 
 
-def convert_lora_base_to_fp8(model: nn.Module, backward: Backward = "fp8", only: Iterable[str] | None = None) -> int:
+def convert_lora_base_to_fp8(model: nn.Module, backward: Backward = "fp8", only: Iterable[str] | None = None, forward: Precision = "fp8") -> int:
     """Replace the frozen nn.Linear base of every LoRA layer by its FP8 version; returns the count.
 
     `only` limits it to layers with these leaf names (e.g. the MLP's gate/up/down projections, two
@@ -36,8 +37,14 @@ def convert_lora_base_to_fp8(model: nn.Module, backward: Backward = "fp8", only:
     On CPU the same quantized operands are multiplied in fp32 (slow; for tests only).
 
     `backward="bf16"` keeps the bf16 weight for an exact grad-input (only the forward in FP8), at
-    the cost of 1.5x the weight memory. Not for DoRA, whose magnitude needs the dense weight.
+    the cost of 1.5x the weight memory. `forward="bf16"` is the other way round: the forward, and so
+    every activation and the loss, is exactly the bf16 one; only the grad-input matmuls of the
+    backward (half the matmul work of LoRA training) run in FP8, which perturbs the LoRA gradients
+    by a few percent but never the values they are computed from. Not for DoRA, whose magnitude
+    needs the dense weight.
     """
+    if forward == "bf16" and backward == "bf16":
+        raise ValueError("FP8 in neither direction: leave the base linears as they are")
     from peft.tuners.lora import LoraLayer
 
     wanted = set(only) if only is not None else None
@@ -51,7 +58,7 @@ def convert_lora_base_to_fp8(model: nn.Module, backward: Backward = "fp8", only:
             raise ValueError("DoRA needs the dense base weight: leave fp8 off with use_dora")
         if module.base_layer.weight.is_cuda and not fp8_supported():
             raise RuntimeError("FP8 matmuls need a GPU with compute capability >= 8.9 (Ada, Hopper or newer)")
-        module.base_layer = Float8FrozenLinear.from_linear(module.base_layer, backward=backward)
+        module.base_layer = Float8FrozenLinear.from_linear(module.base_layer, backward=backward, forward=forward)
         converted += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -65,29 +72,30 @@ def fp8_supported() -> bool:
 class Float8FrozenLinear(nn.Module):
     """y = x W^T + b with W frozen in float8_e4m3 (rowwise scales); gradient flows to x only."""
 
-    def __init__(self, in_features: int, out_features: int, backward: Backward = "fp8"):
+    def __init__(self, in_features: int, out_features: int, backward: Backward = "fp8", forward: Precision = "fp8"):
         super().__init__()
-        self.in_features, self.out_features, self.backward = in_features, out_features, backward
+        self.in_features, self.out_features, self.backward, self.forward_precision = in_features, out_features, backward, forward
         # Buffers, not parameters: frozen, moved with the module, left out of checkpoints.
         self.register_buffer("weight_fp8", None, persistent=False)  # (out, in), scale per out row
         self.register_buffer("weight_scale", None, persistent=False)  # (1, out) fp32
         self.register_buffer("weight_t_fp8", None, persistent=False)  # (in, out), scale per in column
         self.register_buffer("weight_t_scale", None, persistent=False)  # (1, in) fp32
-        self.register_buffer("weight_bf16", None, persistent=False)  # only with backward="bf16"
+        self.register_buffer("weight_bf16", None, persistent=False)  # only where one direction stays bf16
         self.register_buffer("bias", None, persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backward: Backward = "fp8") -> "Float8FrozenLinear":
+    def from_linear(cls, linear: nn.Linear, backward: Backward = "fp8", forward: Precision = "fp8") -> "Float8FrozenLinear":
         if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(f"FP8 matmuls need both sizes divisible by 16, got {linear.in_features}x{linear.out_features}")
-        layer = cls(linear.in_features, linear.out_features, backward)
+        layer = cls(linear.in_features, linear.out_features, backward, forward)
         weight = linear.weight.detach().to(torch.bfloat16)
-        layer.weight_fp8, scale = quantize_rowwise(weight)
-        layer.weight_scale = scale.view(1, -1)
+        if forward == "fp8":
+            layer.weight_fp8, scale = quantize_rowwise(weight)
+            layer.weight_scale = scale.view(1, -1)
         if backward == "fp8":
             layer.weight_t_fp8, scale_t = quantize_rowwise(weight.t().contiguous())
             layer.weight_t_scale = scale_t.view(1, -1)
-        else:
+        if "bf16" in (forward, backward):
             layer.weight_bf16 = weight.clone()
         if linear.bias is not None:
             layer.bias = linear.bias.detach().to(torch.bfloat16).clone()
@@ -102,14 +110,17 @@ class Float8FrozenLinear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, backward={self.backward}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"forward={self.forward_precision}, backward={self.backward}")
 
 
 class _Float8FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_fp8, weight_scale, weight_t_fp8, weight_t_scale, weight_bf16):
-        x_fp8, x_scale = quantize_rowwise(x)
         ctx.save_for_backward(weight_t_fp8, weight_t_scale, weight_bf16)
+        if weight_fp8 is None:
+            return x @ weight_bf16.t()
+        x_fp8, x_scale = quantize_rowwise(x)
         # _scaled_mm wants its second operand column-major: W^T as a view of the row-major W is.
         return scaled_mm(x_fp8, weight_fp8.t(), x_scale, weight_scale)
 
@@ -119,7 +130,7 @@ class _Float8FrozenMatmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         grad_out = grad_out.contiguous().to(torch.bfloat16)
-        if weight_bf16 is not None:
+        if weight_t_fp8 is None:
             return grad_out @ weight_bf16, None, None, None, None, None
         grad_fp8, grad_scale = quantize_rowwise(grad_out)
         return scaled_mm(grad_fp8, weight_t_fp8.t(), grad_scale, weight_t_scale), None, None, None, None, None

@@ -72,6 +72,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         if w_fp8 is not None:
             x_fp8, x_scale = quantize_rowwise(x)
             base_out = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale)
+        elif w_bf16 is not None:  # FP8 on the backward only: the forward is the exact bf16 one
+            base_out = x @ w_bf16.t()
         else:
             base_out = x @ weight.to(COMPUTE_DTYPE).t()
         if bias is not None:

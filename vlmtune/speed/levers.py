@@ -22,7 +22,11 @@ def apply_speed_levers(model: nn.Module, config: TrainConfig) -> dict[str, int]:
         if config.fp8_base != "off":
             from vlmtune.speed.fp8_linear import convert_lora_base_to_fp8
 
-            applied["fp8_linears"] = convert_lora_base_to_fp8(model, only=MLP_PROJECTIONS if config.fp8_base == "mlp" else None)
+            applied["fp8_linears"] = convert_lora_base_to_fp8(
+                model,
+                only=MLP_PROJECTIONS if config.fp8_base == "mlp" else None,
+                forward="bf16" if config.fp8_base == "backward" else "fp8",  # "backward": FP8 grad-input only, bf16 loss
+            )
         if config.fused_lora and bf16_gpu:  # its kernels compute in bf16: an fp32 CPU run keeps PEFT's own path
             from vlmtune.speed.fused_lora import fuse_lora_linears
 
