@@ -7,7 +7,7 @@ from vlmtune.base_model import prepare_base_model
 from vlmtune.config import as_dict
 from vlmtune.models import is_tiny_default
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"  # 3: pretrained on generated shape scenes, convolutional stem
 
 
 @dg.asset(code_version=CODE_VERSION, group_name="model", kinds={"pytorch", "huggingface"}, pool="gpu")
@@ -34,5 +34,5 @@ def base_model(
         weights_sha256=summary["weights_sha256"],
         processor_sha256=summary["processor_sha256"],
         chat_template_sha256=summary["chat_template_sha256"],
-        **{key: summary[key] for key in ("total_params", "pretrain_steps", "pretrain_eval_loss", "pretrain_seconds") if key in summary},
+        **{key: summary[key] for key in ("total_params", "pretrain_samples", "pretrain_steps", "pretrain_eval_loss", "pretrain_seconds") if key in summary},
     )

@@ -81,8 +81,7 @@ def live_ui(tmp_path_factory):
                     raise RuntimeError((root / "dagster-dev.log").read_text()[-3000:])
                 time.sleep(2)
         config = profile_config("smoke")
-        drops = write_demo_drops(root / "data" / "drops", config.tiny_model.pretrain_fraction,
-                                 config.demo_data.max_finetune_samples, config.demo_data.max_test_samples)
+        drops = write_demo_drops(root / "data" / "drops", config.demo_data.max_finetune_samples, config.demo_data.max_test_samples)
         for drop in drops:
             added = ui.query(
                 """mutation($key: String!) { addDynamicPartition(repositorySelector: {repositoryLocationName: "vlmtune", repositoryName: "__repository__"},

@@ -2,22 +2,26 @@
 
 For a Hugging Face id or local path it records the id, the resolved revision and a hash of the
 weights, and saves the processor. For the tiny offline default it builds the model from a config
-and pretrains it in full on the pretraining share of easy-VQA (LoRA on random weights learns next
-to nothing), then saves it like any pretrained checkpoint.
+and pretrains it in full on generated shape scenes (vlmtune.shapes; LoRA on random weights learns
+next to nothing), then saves it like any pretrained checkpoint. The pretraining never sees an
+easy-VQA image or an easy-VQA question.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 
 from vlmtune.artifacts import sha256_file, sha256_tree
 from vlmtune.config import TinyModelConfig, TrainConfig
-from vlmtune.easyvqa import pretraining_samples
 from vlmtune.models import BaseModelRef, build_tiny_vlm, is_tiny_default, load_processor
 from vlmtune.pinning import processor_pins
+from vlmtune.shapes import scene_sample
 from vlmtune.tokenization import dataset_from_rows, encode_batch
 from vlmtune.train import Log, fit
 
@@ -69,42 +73,65 @@ def ref_from_summary(summary: dict[str, Any], artifact_dir: Path) -> BaseModelRe
 
 def _pretrain_tiny(tiny: TinyModelConfig, weights_dir: Path, checkpoint_dir: Path, log: Log) -> dict[str, Any]:
     model, processor = build_tiny_vlm(tiny)
-    samples = pretraining_samples(tiny.pretrain_fraction, tiny.pretrain_max_samples, seed=tiny.seed)
-    encoded = encode_batch(processor, [s["question"] for s in samples], [s["answer"] for s in samples], [s["image_bytes"] for s in samples])
-    rows = [
-        {
-            "sample_id": f"pretrain:{index}", "drop": "pretrain", "split": sample["split"], "image_sha256": "",
-            "image": {"bytes": sample["image_bytes"], "path": None}, "question": sample["question"], "answer": sample["answer"],
-            "answer_type": "", "question_type": "", **example,
-        }
-        for index, (sample, example) in enumerate(zip(samples, encoded))
-    ]
-    dataset = dataset_from_rows(rows)
-    train_set = dataset.filter(lambda split: split == "train", input_columns="split")
-    eval_set = dataset.filter(lambda split: split == "validation", input_columns="split")
+    n_train = tiny.pretrain_steps * tiny.pretrain_batch_size  # every step sees scenes it has never seen
+    train_set = SceneQuestions(processor, seed=tiny.seed, size=n_train)
+    validation = SceneQuestions(processor, seed=tiny.seed + 1, size=512)
+    eval_set = dataset_from_rows([validation.row(index, as_bytes=True) for index in range(len(validation))])
     config = TrainConfig(
         method="full",
         learning_rate=tiny.pretrain_learning_rate,
         max_steps=tiny.pretrain_steps,
         batch_size=tiny.pretrain_batch_size,
+        warmup_ratio=0.02,
         eval_steps=max(1, tiny.pretrain_steps // 4),
         max_eval_samples=512,
         early_stopping_patience=10**6,  # a fixed pretraining budget; early stopping is the fine-tuning's concern
         gradient_checkpointing=False,  # a 2-layer model's activations are small; recomputing them only costs time
         seed=tiny.seed,
     )
-    log(f"pretraining the tiny base on {train_set.num_rows} easy-VQA questions for {tiny.pretrain_steps} steps")
+    log(f"pretraining the tiny base on {n_train} generated shape scenes for {tiny.pretrain_steps} steps")
     summary = fit(model, processor, train_set, eval_set, config, checkpoint_dir, log)
     model.save_pretrained(str(weights_dir))
     processor.save_pretrained(str(weights_dir))
     return {
-        "pretrain_samples": train_set.num_rows,
+        "pretrain_samples": n_train,
         "pretrain_steps": summary["steps"],
         "pretrain_loss_last": summary["train_loss_last"],
         "pretrain_eval_loss": summary["best_eval_loss"],
         "pretrain_seconds": summary["train_seconds"],
         "total_params": summary["total_params"],
     }
+
+
+class SceneQuestions(torch.utils.data.Dataset):
+    """Generated shape scenes (vlmtune.shapes) as tokenized training rows, made when asked for."""
+
+    def __init__(self, processor, seed: int, size: int):
+        self.processor, self.seed, self.size = processor, seed, size
+        self._encoded: dict[tuple[str, str], dict[str, Any]] = {}
+        self._blank = Image.new("RGB", (8, 8))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.row(index)
+
+    def row(self, index: int, as_bytes: bool = False) -> dict[str, Any]:
+        sample = scene_sample(self.seed, index)
+        key = (sample["question"], sample["answer"])
+        if key not in self._encoded:  # a few hundred distinct question-answer pairs: tokenize each once
+            self._encoded[key] = encode_batch(self.processor, [key[0]], [key[1]], [self._blank])[0]
+        image = sample["image"]
+        if as_bytes:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            image = {"bytes": buffer.getvalue(), "path": None}
+        return {
+            "sample_id": f"scene:{self.seed}:{index}", "drop": "pretrain", "split": "train", "image_sha256": "",
+            "image": image, "question": sample["question"], "answer": sample["answer"],
+            "answer_type": "", "question_type": "", **self._encoded[key],
+        }
 
 
 def _weights_hash(folder: Path) -> str:

@@ -47,7 +47,7 @@ def run_demo(profile: str) -> int:
     config = profile_config(profile)
     drops_dir = Path(os.environ["VQA_DATA_DIR"]) / "drops"
     drop_dirs = write_demo_drops(
-        drops_dir, config.tiny_model.pretrain_fraction, config.demo_data.max_finetune_samples, config.demo_data.max_test_samples
+        drops_dir, config.demo_data.max_finetune_samples, config.demo_data.max_test_samples
     )
     print(f"[vlmtune] profile {profile}: drops {[d.name for d in drop_dirs]} under {drops_dir}")
     instance = _instance()

@@ -1,8 +1,8 @@
 """The embedded default data: easy-VQA, as shipped by the `easy-vqa` package (no download).
 
-Training images are divided once by a stable hash of their id: one part pretrains the tiny base
-model, the rest becomes the fine-tuning drop, so the adapter never sees a pretraining image.
-The official test split becomes the test drop.
+The official training split becomes the fine-tuning drop (its own train / validation split by image
+hash), the official test split the test drop. The tiny base model is pretrained on generated scenes
+(vlmtune.shapes), so no easy-VQA image or question is ever seen before fine-tuning.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import random
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
 
 from vlmtune import formats
 from vlmtune.clean import assign_split
@@ -34,42 +33,13 @@ def easyvqa_answer_type(answer: str) -> str:
     return "yes/no"
 
 
-def is_pretraining_image(image_id: int, fraction: float) -> bool:
-    bucket = int(hashlib.sha256(f"easyvqa-pretrain:{image_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return bucket < fraction
-
-
-def pretraining_samples(fraction: float, max_samples: int | None, seed: int = 0) -> list[dict[str, Any]]:
-    """Questions on the pretraining share of easy-VQA's training images, with a train/validation split."""
-    import easy_vqa
-
-    questions, answers, image_ids = easy_vqa.get_train_questions()
-    paths = easy_vqa.get_train_image_paths()
-    image_bytes: dict[int, bytes] = {}
-    samples = []
-    for index in _subset(len(questions), max_samples, seed, keep=lambda i: is_pretraining_image(image_ids[i], fraction)):
-        image_id = image_ids[index]
-        if image_id not in image_bytes:
-            image_bytes[image_id] = Path(paths[image_id]).read_bytes()
-        data = image_bytes[image_id]
-        samples.append(
-            {
-                "question": questions[index],
-                "answer": answers[index],
-                "image_bytes": data,
-                "split": assign_split(hashlib.sha256(data).hexdigest(), VALIDATION_FRACTIONS),
-            }
-        )
-    return samples
-
-
-def write_demo_drops(drops_dir: Path, pretrain_fraction: float, max_finetune: int | None, max_test: int | None) -> list[Path]:
+def write_demo_drops(drops_dir: Path, max_finetune: int | None, max_test: int | None) -> list[Path]:
     """Write the fine-tuning and test drops (format v1); an unchanged drop is left untouched."""
     import easy_vqa
 
     train_questions, train_answers, train_ids = easy_vqa.get_train_questions()
     test_questions, test_answers, test_ids = easy_vqa.get_test_questions()
-    finetune = _subset(len(train_questions), max_finetune, 1, keep=lambda i: not is_pretraining_image(train_ids[i], pretrain_fraction))
+    finetune = _subset(len(train_questions), max_finetune, 1)
     test = _subset(len(test_questions), max_test, 2)
     return [
         _write_drop(Path(drops_dir) / FINETUNE_DROP, easy_vqa.get_train_image_paths(),

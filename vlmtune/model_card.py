@@ -60,6 +60,8 @@ def write_model_card(
         "",
         "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        *(["import vlmtune.conv_stem_vision  # registers the tiny default's vision tower (model_type vlmtune_conv_stem_vit)"]
+          if is_tiny_default(base.model_id) else []),
         "",
         'model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")',
         'processor = AutoProcessor.from_pretrained("path/to/this/folder")',

@@ -1,7 +1,7 @@
 """Base models: the tiny offline default built from a config, and any Hugging Face VLM by id or path.
 
-The tiny default is a real LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower, projector,
-Llama language model) with a byte-level tokenizer, so everything downstream of it (processor,
+The tiny default is a real LLaVA (`LlavaForConditionalGeneration`: CLIP vision tower behind a
+convolutional stem (vlmtune.conv_stem_vision), projector, Llama language model) with a byte-level tokenizer, so everything downstream of it (processor,
 chat template, PEFT, `AutoModelForImageTextToText.from_pretrained`) is the same code a real
 model goes through.
 """
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vlmtune.config import TINY_MODEL_ID, TinyModelConfig
+from vlmtune.conv_stem_vision import ConvStemVisionConfig  # registers the tiny default's vision tower with the Auto classes
 from vlmtune.families import check_remote_code_support
 
 IMAGE_TOKEN = "<image>"
@@ -88,15 +89,16 @@ def build_tiny_vlm(config: TinyModelConfig):
 
     processor = build_tiny_processor(config)
     tokenizer = processor.tokenizer
+    vision = dict(
+        hidden_size=config.vision_hidden,
+        intermediate_size=4 * config.vision_hidden,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+    )
     model_config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=config.vision_hidden,
-            intermediate_size=4 * config.vision_hidden,
-            num_hidden_layers=config.vision_layers,
-            num_attention_heads=config.heads,
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-        ),
+        vision_config=ConvStemVisionConfig(stem_channels=config.stem_channels, **vision) if config.vision_stem == "conv" else CLIPVisionConfig(**vision),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=config.text_hidden,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -96,9 +97,9 @@ def fit(
 
     Metrics and `manifest` go to TensorBoard under `checkpoint_dir/runs` (and MLflow when asked for).
     """
-    if train_set.num_rows == 0:
+    if len(train_set) == 0:
         raise ValueError("the training split is empty: no drop contributed train samples")
-    if config.max_train_samples is not None:
+    if config.max_train_samples is not None and isinstance(train_set, datasets.Dataset):
         train_set = train_set.shuffle(seed=config.seed).select(range(min(config.max_train_samples, train_set.num_rows)))
     eval_set = eval_set.shuffle(seed=config.seed).select(range(min(config.max_eval_samples, eval_set.num_rows)))
     has_eval = eval_set.num_rows > 0
@@ -135,6 +136,9 @@ def fit(
         seed=config.seed,
         data_seed=config.seed,
         disable_tqdm=True,
+        # Images are decoded and processed in the collator: on a GPU that is the bottleneck of a small
+        # model unless it runs beside the training loop. On a CPU the cores are busy training.
+        dataloader_num_workers=min(4, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
     )
     callbacks = [ProgressLog(log, config.max_steps), ManifestToTrackers(manifest or {"config": as_dict(config)}, Path(checkpoint_dir) / TENSORBOARD_DIR / "manifest")]
     if args.load_best_model_at_end:
@@ -163,7 +167,7 @@ def fit(
         "method": config.method,
         "steps": trainer.state.global_step,
         "resumed_from_step": resumed_from,
-        "train_samples": train_set.num_rows,
+        "train_samples": len(train_set),
         "validation_samples": eval_set.num_rows,
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
