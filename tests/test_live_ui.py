@@ -96,7 +96,27 @@ def live_ui(tmp_path_factory):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+        # a run still going when the test failed outlives the server (its process and trainer are the
+        # run launcher's, in their own sessions): stop everything that works on this instance
+        for pid in processes_with_env("DAGSTER_HOME", env["DAGSTER_HOME"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # ended by itself meanwhile
         log.close()
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    wanted = f"{name}={value}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if wanted in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
 
 
 def test_graphql_shows_the_six_stages_their_edges_paths_and_checks(live_ui):
