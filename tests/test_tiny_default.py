@@ -93,3 +93,12 @@ def test_the_tiny_default_saves_and_loads_through_the_auto_classes(tmp_path, tin
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == ["ConvStemVisionModel", str(sum(p.numel() for p in model.parameters()))]
+
+
+def test_the_linear_patch_embedding_stays_available_and_a_typo_is_refused():
+    import dataclasses
+
+    model, _ = build_tiny_vlm(dataclasses.replace(TinyModelConfig(), vision_stem="patch"))
+    assert model.config.vision_config.model_type == "clip_vision_model"
+    with pytest.raises(ValueError, match="vision_stem"):
+        build_tiny_vlm(dataclasses.replace(TinyModelConfig(), vision_stem="Conv"))

@@ -109,6 +109,8 @@ class SceneQuestions(torch.utils.data.Dataset):
     def __init__(self, processor, seed: int, size: int):
         self.processor, self.seed, self.size = processor, seed, size
         self._encoded: dict[tuple[str, str], dict[str, Any]] = {}
+        # The tiny default's processor gives every image the same number of image tokens (a fixed
+        # resize), so the prompt's ids do not depend on the scene: a blank image stands in.
         self._blank = Image.new("RGB", (8, 8))
 
     def __len__(self) -> int:

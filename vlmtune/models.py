@@ -87,6 +87,8 @@ def build_tiny_vlm(config: TinyModelConfig):
     """A randomly initialised tiny LLaVA and its processor, from config alone (nothing downloaded)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    if config.vision_stem not in ("conv", "patch"):
+        raise ValueError(f"vision_stem={config.vision_stem!r}: choose 'conv' (convolutional stem) or 'patch' (CLIP's patch embedding)")
     processor = build_tiny_processor(config)
     tokenizer = processor.tokenizer
     vision = dict(
