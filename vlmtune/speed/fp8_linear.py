@@ -22,13 +22,12 @@ from torch import nn
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 Precision = Literal["fp8", "bf16"]
-Backward = Precision
 # Off under torch.compile: Inductor fuses the eager quantization into one kernel by itself, and
 # tracing the backward must not launch a Triton kernel on fake tensors.
 use_triton_quantize = True
 
 
-def convert_lora_base_to_fp8(model: nn.Module, backward: Backward = "fp8", only: Iterable[str] | None = None, forward: Precision = "fp8") -> int:
+def convert_lora_base_to_fp8(model: nn.Module, backward: Precision = "fp8", only: Iterable[str] | None = None, forward: Precision = "fp8") -> int:
     """Replace the frozen nn.Linear base of every LoRA layer by its FP8 version; returns the count.
 
     `only` limits it to layers with these leaf names (e.g. the MLP's gate/up/down projections, two
@@ -72,7 +71,7 @@ def fp8_supported() -> bool:
 class Float8FrozenLinear(nn.Module):
     """y = x W^T + b with W frozen in float8_e4m3 (rowwise scales); gradient flows to x only."""
 
-    def __init__(self, in_features: int, out_features: int, backward: Backward = "fp8", forward: Precision = "fp8"):
+    def __init__(self, in_features: int, out_features: int, backward: Precision = "fp8", forward: Precision = "fp8"):
         super().__init__()
         self.in_features, self.out_features, self.backward, self.forward_precision = in_features, out_features, backward, forward
         # Buffers, not parameters: frozen, moved with the module, left out of checkpoints.
@@ -84,7 +83,7 @@ class Float8FrozenLinear(nn.Module):
         self.register_buffer("bias", None, persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backward: Backward = "fp8", forward: Precision = "fp8") -> "Float8FrozenLinear":
+    def from_linear(cls, linear: nn.Linear, backward: Precision = "fp8", forward: Precision = "fp8") -> "Float8FrozenLinear":
         if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(f"FP8 matmuls need both sizes divisible by 16, got {linear.in_features}x{linear.out_features}")
         layer = cls(linear.in_features, linear.out_features, backward, forward)
