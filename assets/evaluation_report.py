@@ -1,5 +1,3 @@
-import base64
-import re
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +9,7 @@ from vlmtune.base_model import ref_from_summary
 from vlmtune.config import as_dict
 from vlmtune.models import load_processor
 from vlmtune.pinning import check_pins
+from vlmtune.report import with_inline_images
 from vlmtune.evaluate import evaluate_adapter, full_reference_matches, pick_previous_adapter
 
 CODE_VERSION = "2"
@@ -47,7 +46,7 @@ def evaluation_report(
                   "previous_adapter": previous, "full_finetune_reference": full and full.fingerprint},
     )
     summary = artifact.summary
-    markdown = re.sub(r"\]\(([\w/.-]+\.png)\)", lambda m: f"](data:image/png;base64,{_base64(artifact.path / m[1])})", (artifact.path / "report.md").read_text())
+    markdown = with_inline_images((artifact.path / "report.md").read_text(), artifact.path)
     optional = {f"{name}_accuracy": summary["baselines"][name] for name in ("previous_adapter", "full_finetune") if name in summary["baselines"]}
     return materialize_result(
         artifact,
@@ -69,6 +68,3 @@ def evaluation_report(
         report_json=dg.MetadataValue.path(str(artifact.path / "report.json")),
     )
 
-
-def _base64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()

@@ -83,3 +83,18 @@ def test_full_reference_must_share_data_steps_and_seed():
     assert full_reference_matches(full, adapter)
     assert not full_reference_matches(full | {"tokenized_dataset": "other"}, adapter)
     assert not full_reference_matches({**full, "config": {**full["config"], "max_steps": 12}}, adapter)
+
+
+def test_report_images_are_inlined_for_the_ui(tmp_path):
+    import base64
+
+    from vlmtune.report import with_inline_images
+
+    (tmp_path / "worst").mkdir()
+    (tmp_path / "plots.png").write_bytes(b"\x89PNG plot")
+    (tmp_path / "worst" / "0.png").write_bytes(b"\x89PNG thumb")
+    markdown = "![plots](plots.png) and ![q](worst/0.png) and [a link](report.json)"
+    inlined = with_inline_images(markdown, tmp_path)
+    for content in (b"\x89PNG plot", b"\x89PNG thumb"):
+        assert "](data:image/png;base64," + base64.b64encode(content).decode() + ")" in inlined
+    assert "[a link](report.json)" in inlined

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,15 @@ def _findings(report: dict[str, Any]) -> list[str]:
     else:
         findings.append("- LoRA against full fine-tuning: not measured in this report (materialize `full_finetune_reference`).")
     return findings
+
+
+def with_inline_images(markdown: str, folder: Path) -> str:
+    """The report's Markdown with each relative `.png` link replaced by its data URI, so it renders where
+    the files are not reachable (the Dagster UI's metadata panel)."""
+    def inline(match: re.Match) -> str:
+        return f"](data:image/png;base64,{base64.b64encode((Path(folder) / match[1]).read_bytes()).decode()})"
+
+    return re.sub(r"\]\(([\w/.-]+\.png)\)", inline, markdown)
 
 
 def render_plots(report: dict[str, Any], log_history: list[dict[str, Any]], path: Path) -> None:
