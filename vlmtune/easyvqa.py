@@ -17,11 +17,14 @@ from pathlib import Path
 
 from vlmtune import formats
 from vlmtune.clean import assign_split
+from vlmtune.shapes import COLOR_VALUES
+from vlmtune.shapes import SHAPES as SCENE_SHAPES
 
 FINETUNE_DROP = "easyvqa-train"
 TEST_DROP = "easyvqa-test"
-COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
-SHAPES = {"circle", "rectangle", "triangle"}
+# easy-VQA's answer vocabulary; the scene generator draws exactly these (its colours measured on easy-VQA)
+COLORS = frozenset(COLOR_VALUES)
+SHAPES = frozenset(SCENE_SHAPES)
 VALIDATION_FRACTIONS = (0.9, 0.1, 0.0)  # the fine-tuning drop's own train / validation split
 
 
@@ -75,8 +78,7 @@ def _write_drop(drop_dir: Path, image_paths: dict[int, str], records: list[tuple
     return drop_dir
 
 
-def _subset(n: int, limit: int | None, seed: int, keep=lambda index: True) -> list[int]:
-    indices = [index for index in range(n) if keep(index)]
-    if limit is not None and limit < len(indices):
-        indices = sorted(random.Random(seed).sample(indices, limit))
-    return indices
+def _subset(n: int, limit: int | None, seed: int) -> list[int]:
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
