@@ -78,7 +78,6 @@ def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
 
 def run_variant(profile: str, name: str, overrides: dict[str, object], workdir: Path) -> dict[str, object]:
     from vlmtune.base_model import prepare_base_model, ref_from_summary
-    from vlmtune.config import EvalConfig
     from vlmtune.evaluate import evaluate_adapter
     from vlmtune.train import train_adapter
 

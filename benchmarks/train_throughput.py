@@ -63,6 +63,7 @@ class Variant:
     bf16_lora_inputs: bool = False
     compile: bool = False
     fused_lora: bool = False
+    share_inputs: bool = True  # with fused_lora: q/k/v and gate/up as one fused call each
     checkpoint_every: int = 1  # with checkpointing: only every k-th decoder layer
     quantize_vision: bool = True  # with nf4: the vision tower too (as from_pretrained does)
     use_dora: bool = False
@@ -83,16 +84,21 @@ VARIANTS: dict[str, Variant] = {
     "lever_fused_adamw": Variant("stock + fused AdamW", fused_adamw=True),
     "lever_fp8": Variant("stock + fp8 base linears", fp8=True),
     "lever_fused_lora": Variant("stock + fused LoRA linears", fused_lora=True),
+    "lever_fused_lora_separate": Variant("stock + fused LoRA linears, one call per projection", fused_lora=True, share_inputs=False),
     "dora": Variant("stock DoRA all-linear, b8", use_dora=True),
     "rslora": Variant("stock rsLoRA all-linear, b8", use_rslora=True),
     # ours
     "ours_bf16": Variant("ours bf16 (answer loss, fused LoRA, fused AdamW)", **OURS),
     "ours_fp8": Variant("ours fp8 (+ fp8 base linears)", fp8=True, **OURS),
     "ours_bf16_compile": Variant("ours bf16 + compiled decoder layers", compile=True, **OURS),
+    "ours_bf16_compile_separate": Variant("ours bf16 + compiled, q/k/v and gate/up fused apart", compile=True, share_inputs=False, **OURS),
     "ours_fp8_compile": Variant("ours fp8 + compiled decoder layers", fp8=True, compile=True, **OURS),
     "ours_fp8mlp_compile": Variant("ours fp8 MLP only + compiled", fp8=True, fp8_mlp_only=True, compile=True, **OURS),
     "ours_fp8fwd_compile": Variant("ours fp8 fwd / bf16 grad-in + compiled", fp8=True, fp8_backward="bf16", compile=True, **OURS),
     "ours_fp8bwd_compile": Variant("ours bf16 fwd / fp8 grad-in + compiled", fp8=True, fp8_forward="bf16", compile=True, **OURS),
+    "ours_fp8bwd_compile_separate": Variant(
+        "ours bf16 fwd / fp8 grad-in + compiled, q/k/v and gate/up fused apart", fp8=True, fp8_forward="bf16", compile=True, share_inputs=False, **OURS
+    ),
     "ours_fp8bwd_mlp_compile": Variant("ours bf16 fwd / fp8 grad-in on the MLP + compiled", fp8=True, fp8_forward="bf16", fp8_mlp_only=True, compile=True, **OURS),
     "ours_fp8bwd": Variant("ours bf16 fwd / fp8 grad-in", fp8=True, fp8_forward="bf16", **OURS),
     "ours_qlora_lm_compile": Variant("ours QLoRA, bf16 vision, ckpt, compiled, b8", quantize_vision=False, compile=True, **OURS_QLORA),
@@ -103,6 +109,7 @@ VARIANTS: dict[str, Variant] = {
     "ours_qlora_lm_ck2": Variant("ours QLoRA, bf16 vision, ckpt every 2nd, b8", quantize_vision=False, checkpoint_every=2, **OURS_QLORA),
     "ours_qlora_lm_ck4": Variant("ours QLoRA, bf16 vision, ckpt every 4th, b8", quantize_vision=False, checkpoint_every=4, **OURS_QLORA),
     "ours_qlora_lm_b2": Variant("ours QLoRA, bf16 vision, ckpt, b2", batch=2, quantize_vision=False, **OURS_QLORA),
+    "ours_qlora_lm_compile_b2": Variant("ours QLoRA, bf16 vision, ckpt, compiled, b2", batch=2, quantize_vision=False, compile=True, **OURS_QLORA),
 }
 DEFAULT_VARIANTS = (
     "stock,stock_qv,stock_ckpt_b16,stock_qlora,stock_qlora_qv_b2,"
@@ -374,7 +381,7 @@ def build_training(variant: Variant, shape: Shape, device: torch.device, lr: flo
         convert_lora_base_to_fp8(model, backward=variant.fp8_backward, forward=variant.fp8_forward,
                                  only=("gate_proj", "up_proj", "down_proj") if variant.fp8_mlp_only else None)
     if variant.fused_lora:
-        fuse_lora_linears(model)
+        fuse_lora_linears(model, share_inputs=variant.share_inputs)
     if variant.compile:
         compile_decoder_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]

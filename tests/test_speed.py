@@ -102,6 +102,65 @@ def test_fused_lora_leaves_dropout_layers_to_peft(tiny_vlm):
     assert fuse_lora_linears(peft_lora(model, lora_dropout=0.1)) == 0
 
 
+def test_projections_sharing_an_input_run_as_one_group(tiny_vlm):
+    model, processor = tiny_vlm
+    stock = peft_lora(copy.deepcopy(model).to(torch.bfloat16))
+    separate, grouped = copy.deepcopy(stock), copy.deepcopy(stock)
+    fuse_lora_linears(separate, share_inputs=False)
+    fuse_lora_linears(grouped)
+    sizes = sorted(len(group.layers) for group in {id(m.lora_group): m.lora_group for m in grouped.modules() if hasattr(m, "lora_group")}.values())
+    layers = model.config.text_config.num_hidden_layers
+    assert sizes == [1] * (2 * layers) + [2] * layers + [3] * layers  # o, down alone; gate/up; q/k/v
+    base_size = lambda m: sum(p.numel() for name, p in m.named_parameters() if "lora_" not in name)  # noqa: E731
+    assert base_size(grouped) == base_size(stock)  # the concatenated weights replace the members', no copy kept
+    batch = vqa_batch(model, processor, seed=3)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    grads = {}
+    for name, m in (("stock", stock), ("separate", separate), ("grouped", grouped)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(**batch).loss.backward()
+        grads[name] = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    for name in grads["stock"]:
+        assert relative_error(grads["grouped"][name], grads["separate"][name]) < 1e-2, name
+        assert relative_error(grads["grouped"][name], grads["stock"][name]) < 3e-2, name  # bf16 rounding order, as the separate path
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), grouped.disable_adapter(), stock.disable_adapter():
+        assert torch.allclose(grouped(**batch).logits.float(), stock(**batch).logits.float(), atol=1e-2)  # the base alone, through the shared weights
+
+
+class ThreeProjections(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 64, bias=False), nn.Linear(64, 32, bias=False), nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def test_grouped_fp8_grad_input_scales_each_member_on_its_own():
+    """k's gradient is 1e-5 of q's and v's but reaches the input through a weight 1e5 larger: one FP8 scale
+    per token across q/k/v would round it to nothing; a scale per member keeps it to e4m3's few percent."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    module = ThreeProjections().to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        module.k_proj.weight.mul_(1e5)
+    module = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]), module)
+    convert_lora_base_to_fp8(module, forward="bf16")
+    fuse_lora_linears(module)
+    assert len(module.q_proj.lora_group.layers) == 3
+    x = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
+    upstream = [torch.randn(40, 64), torch.randn(40, 32) * 1e-5, torch.randn(40, 32)]
+    outputs = module(x)
+    (grad_x,) = torch.autograd.grad(outputs, x, [g.to(torch.bfloat16) for g in upstream])
+    weights = [module.q_proj.base_layer, module.k_proj.base_layer, module.v_proj.base_layer]
+    dense = [w.shared.weight_bf16[w.start : w.stop].double() for w in weights]
+    reference = sum(g.to(torch.bfloat16).double() @ w for g, w in zip(upstream, dense))
+    k_share = (upstream[1].double() @ dense[1]).norm() / reference.norm()
+    assert k_share > 0.3  # k's path carries a real part of the input gradient
+    assert relative_error(grad_x, reference) < 0.08
+
+
 def test_fp8_linear_quantizes_and_passes_gradient_to_the_input_only():
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=True).requires_grad_(False)

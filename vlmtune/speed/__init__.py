@@ -8,7 +8,8 @@ each on from `TrainConfig`, and `benchmarks/train_throughput.py` can measure wha
   logits of every prompt and image position.
 - `qlora.quantize_to_nf4` / `qlora.prepare_qlora`: nf4 + double quantization + bf16 compute without
   PEFT's fp32 upcast of every non-quantized weight, with non-reentrant checkpointing.
-- `fused_lora.fuse_lora_linears`: base matmul + LoRA down/up + sum as one autograd function.
+- `fused_lora.fuse_lora_linears`: base matmul + LoRA down/up + sum as one autograd function, and
+  projections that read one input (q/k/v, gate/up) as one such function over their concatenation.
 - `lora_inputs.keep_lora_inputs_bf16`: stop PEFT casting each LoRA input to the adapter's fp32 dtype.
 - `compile.compile_decoder_layers`: regional torch.compile of the decoder layers.
 - `checkpointing.enable_checkpointing`: non-reentrant checkpointing of every k-th decoder layer.

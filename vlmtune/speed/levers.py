@@ -30,7 +30,8 @@ def apply_speed_levers(model: nn.Module, config: TrainConfig) -> dict[str, int]:
         if config.fused_lora and bf16_gpu:  # its kernels compute in bf16: an fp32 CPU run keeps PEFT's own path
             from vlmtune.speed.fused_lora import fuse_lora_linears
 
-            applied["fused_lora_linears"] = fuse_lora_linears(model)  # only layers without dropout or DoRA qualify
+            # only layers without dropout or DoRA qualify
+            applied["fused_lora_linears"] = fuse_lora_linears(model, share_inputs=config.fuse_shared_inputs)
         if config.bf16_lora_inputs and bf16_gpu:
             from vlmtune.speed.lora_inputs import keep_lora_inputs_bf16
 
