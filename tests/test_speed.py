@@ -102,7 +102,9 @@ def test_fused_lora_leaves_dropout_layers_to_peft(tiny_vlm):
     assert fuse_lora_linears(peft_lora(model, lora_dropout=0.1)) == 0
 
 
-def test_projections_sharing_an_input_run_as_one_group(tiny_vlm):
+def test_projections_sharing_an_input_run_as_one_group(tiny_vlm, tmp_path):
+    from safetensors.torch import load_file
+
     model, processor = tiny_vlm
     stock = peft_lora(copy.deepcopy(model).to(torch.bfloat16))
     separate, grouped = copy.deepcopy(stock), copy.deepcopy(stock)
@@ -125,6 +127,11 @@ def test_projections_sharing_an_input_run_as_one_group(tiny_vlm):
         assert relative_error(grads["grouped"][name], grads["stock"][name]) < 3e-2, name  # bf16 rounding order, as the separate path
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), grouped.disable_adapter(), stock.disable_adapter():
         assert torch.allclose(grouped(**batch).logits.float(), stock(**batch).logits.float(), atol=1e-2)  # the base alone, through the shared weights
+    for name, m in (("stock", stock), ("grouped", grouped)):
+        m.save_pretrained(str(tmp_path / name))
+    saved = {name: load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("stock", "grouped")}
+    assert saved["grouped"].keys() == saved["stock"].keys()  # the adapter saves as PEFT's, nothing of the shared base
+    assert all(torch.equal(saved["grouped"][key], saved["stock"][key]) for key in saved["stock"])
 
 
 class ThreeProjections(nn.Module):

@@ -9,13 +9,14 @@ Here the LoRA up-projection lands in the base output through the matmul's epilog
 same way, so no (tokens x features) tensor is read or written beyond what the matmuls need.
 
 Projections that read one input (an attention's q/k/v, a gated MLP's gate/up) can go further as a
-group: one base matmul over their concatenated weights and one down-projection over their stacked
-A's, and in the backward one grad-input matmul (and one FP8 quantization of the incoming gradient,
-with one scale per token across the members) instead of one per projection plus their sum. Each member's
-forward hands out its slice of the group's output: the first member called with an input computes
-the group, the others pick their result up (Llama-style attention and MLP call them back to back
-on the same tensor). A member called with another input than the group's computes the group again,
-so a model that feeds them different tensors stays correct, only slower.
+group: one base matmul over their concatenated weights, one down-projection over their stacked A's,
+and in the backward one bf16 grad-input matmul instead of one per projection plus their sum. (With
+FP8 grad-input weights the backward keeps one FP8 matmul per member, each gradient quantized with its
+own scales: one scale per token across q/k/v rounded the smaller members' gradients away and moved
+the loss curve on the H100 benchmark.) The first member called with an input computes the group and
+the others pick their outputs up (Llama-style attention and MLP call them back to back on the same
+tensor). A member called with another input than the group's computes the group again, so a model
+that feeds them different tensors stays correct, only slower.
 
 Numerically it is the stock computation with fewer bf16 roundings (the sum is taken in the matmul's
 fp32 accumulator). It covers the plain case: one adapter, no dropout, no DoRA, a frozen nn.Linear or
