@@ -10,10 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
-    """`module.compile()` on every `*DecoderLayer`; returns how many. Apply after the other levers.
+def compile_decoder_layers(model: nn.Module, mode: str | None = None) -> int:
+    """`module.compile(mode=mode)` on every `*DecoderLayer`; returns how many. Apply after the other levers.
 
-    Switches FP8 quantization to its plain-torch form, process-wide, for Inductor to fuse (the
+    `mode` is torch.compile's (None: its default). Switches FP8 quantization to its plain-torch form, process-wide, for Inductor to fuse (the
     hand-written Triton kernel is for eager runs).
     """
     from vlmtune.speed import fp8_linear
@@ -21,5 +21,5 @@ def compile_decoder_layers(model: nn.Module) -> int:
     fp8_linear.use_triton_quantize = False
     layers = [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
