@@ -27,7 +27,7 @@ class TrainOverrides(dg.Config):
     gradient_checkpointing: bool | None = None
     answer_only_loss: bool | None = None
     fused_lora: bool | None = None
-    fuse_shared_inputs: bool | None = None  # with fused_lora: q/k/v and gate/up as one matmul each
+    fuse_shared_inputs: bool | None = None  # with fused_lora: q/k/v and gate/up as one fused call each
     compile: bool | None = None  # torch.compile the decoder layers (GPU)
     fp8_base: str | None = None  # "off", "backward" (grad-input only, bf16 loss), "all" or "mlp" (GPU with compute capability >= 8.9)
     learning_rate: float | None = None

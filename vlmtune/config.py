@@ -84,7 +84,7 @@ class TrainConfig:
     # Speed levers (benchmarks/NOTES.md): each keeps the stock loss curve except FP8, which is off by default.
     answer_only_loss: bool = True  # lm_head and cross-entropy on answer positions only, not every prompt token
     fused_lora: bool = True  # LoRA's up-projection added in the base matmul's epilogue (layers without dropout/DoRA)
-    fuse_shared_inputs: bool = True  # with fused_lora: q/k/v and gate/up, which read one input, as one matmul each
+    fuse_shared_inputs: bool = True  # with fused_lora: q/k/v and gate/up, which read one input, as one fused call each
     bf16_lora_inputs: bool = True  # skip PEFT's fp32 round trip of LoRA inputs under bf16 autocast (GPU)
     # Frozen base linears in FP8 (compute capability >= 8.9). "backward": only the backward's grad-input
     # matmuls, the forward (and the loss) stays bf16; "all" / "mlp": both directions, which learns slower.

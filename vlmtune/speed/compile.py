@@ -13,8 +13,8 @@ from torch import nn
 def compile_decoder_layers(model: nn.Module, mode: str | None = None) -> int:
     """`module.compile(mode=mode)` on every `*DecoderLayer`; returns how many. Apply after the other levers.
 
-    `mode` is torch.compile's (None: its default). Switches FP8 quantization to its plain-torch form, process-wide, for Inductor to fuse (the
-    hand-written Triton kernel is for eager runs).
+    `mode` is torch.compile's (None: its default). Switches FP8 quantization to its plain-torch form,
+    process-wide, for Inductor to fuse (the hand-written Triton kernel is for eager runs).
     """
     from vlmtune.speed import fp8_linear
 
