@@ -17,6 +17,7 @@ class TrainOverrides(dg.Config):
     """Per-run changes to the profile's training settings; unset fields keep the profile's value."""
 
     method: str | None = None  # "lora", "qlora" (CUDA only) or "full"; validated by TrainConfig
+    qlora_dtype: str | None = None  # qlora: "float32" (stock numerics) or "bfloat16" for the unquantized weights
     init_from: str | None = None  # "fresh", or "previous" to continue from the current adapter
     lora_rank: int | None = None
     use_dora: bool | None = None

@@ -63,16 +63,21 @@ class Variant:
     bf16_lora_inputs: bool = False
     compile: bool = False
     compile_mode: str | None = None  # torch.compile's mode for the decoder layers (None: its default)
+    compile_vision: bool = False  # with compile: the vision tower's encoder layers too
     fused_lora: bool = False
     share_inputs: bool = True  # with fused_lora: q/k/v and gate/up as one fused call each
+    low_rank_kernel: bool = True  # with fused_lora: LoRA's rank-r adds through the Triton kernel, not cuBLAS addmm
+    liger: bool = False  # Liger's Triton kernels patched in (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)
     checkpoint_every: int = 1  # with checkpointing: only every k-th decoder layer
     quantize_vision: bool = True  # with nf4: the vision tower too (as from_pretrained does)
+    qlora_dtype: Literal["float32", "bfloat16"] = "float32"  # with nf4 and prepare_qlora: the non-quantized weights (stock: fp32)
     use_dora: bool = False
     use_rslora: bool = False
 
 
 OURS = dict(answer_loss=True, fused_adamw=True, bf16_lora_inputs=True, fused_lora=True)
 OURS_QLORA = dict(answer_loss=True, fused_adamw=True, bf16_lora_inputs=True, quant="nf4", checkpointing="nonreentrant")
+OURS_QLORA_FUSED = dict(OURS_QLORA, fused_lora=True)
 VARIANTS: dict[str, Variant] = {
     "stock": Variant("stock LoRA all-linear, b8"),
     "stock_qv": Variant("stock LoRA q,v, b8", targets="qv"),
@@ -86,6 +91,12 @@ VARIANTS: dict[str, Variant] = {
     "lever_fp8": Variant("stock + fp8 base linears", fp8=True),
     "lever_fused_lora": Variant("stock + fused LoRA linears", fused_lora=True),
     "lever_fused_lora_separate": Variant("stock + fused LoRA linears, one call per projection", fused_lora=True, share_inputs=False),
+    "stock_liger": Variant("stock + Liger kernels, b8", liger=True),
+    "stock_qlora_b2": Variant("stock QLoRA all-linear + ckpt (kbit prep), b2", batch=2, quant="nf4", checkpointing="kbit"),
+    # one change at a time on top of stock QLoRA, for the loss-curve check
+    "stock_qlora_nonreentrant": Variant("stock QLoRA, prepare_qlora + non-reentrant ckpt", quant="nf4", checkpointing="nonreentrant"),
+    "stock_qlora_answer_loss": Variant("stock QLoRA + answer-only loss", quant="nf4", checkpointing="kbit", answer_loss=True),
+    "stock_qlora_fused_adamw": Variant("stock QLoRA + fused AdamW", quant="nf4", checkpointing="kbit", fused_adamw=True),
     "dora": Variant("stock DoRA all-linear, b8", use_dora=True),
     "rslora": Variant("stock rsLoRA all-linear, b8", use_rslora=True),
     # ours
@@ -97,8 +108,12 @@ VARIANTS: dict[str, Variant] = {
     "ours_fp8mlp_compile": Variant("ours fp8 MLP only + compiled", fp8=True, fp8_mlp_only=True, compile=True, **OURS),
     "ours_fp8fwd_compile": Variant("ours fp8 fwd / bf16 grad-in + compiled", fp8=True, fp8_backward="bf16", compile=True, **OURS),
     "ours_fp8bwd_compile": Variant("ours bf16 fwd / fp8 grad-in + compiled", fp8=True, fp8_forward="bf16", compile=True, **OURS),
-    # Inductor's Triton matmul templates may fuse the LoRA up-projection's add into a matmul epilogue
-    # (the `addmm`s are 16 % of the FP8-backward step: NOTES.md); not yet measured
+    "ours_fp8bwd_compile_addmm": Variant(
+        "ours bf16 fwd / fp8 grad-in + compiled, LoRA adds by cuBLAS addmm", fp8=True, fp8_forward="bf16", compile=True, low_rank_kernel=False, **OURS
+    ),
+    "ours_bf16_compile_addmm": Variant("ours bf16 + compiled, LoRA adds by cuBLAS addmm", compile=True, low_rank_kernel=False, **OURS),
+    # Inductor's autotuned Triton matmul templates for the skinny LoRA matmuls (about 15 ms of the
+    # FP8-backward step on an H200: NOTES.md); not yet measured
     "ours_fp8bwd_autotune": Variant(
         "ours bf16 fwd / fp8 grad-in + compiled, max-autotune", fp8=True, fp8_forward="bf16", compile=True, compile_mode="max-autotune-no-cudagraphs", **OURS
     ),
@@ -116,6 +131,16 @@ VARIANTS: dict[str, Variant] = {
     "ours_qlora_lm_ck4": Variant("ours QLoRA, bf16 vision, ckpt every 4th, b8", quantize_vision=False, checkpoint_every=4, **OURS_QLORA),
     "ours_qlora_lm_b2": Variant("ours QLoRA, bf16 vision, ckpt, b2", batch=2, quantize_vision=False, **OURS_QLORA),
     "ours_qlora_lm_compile_b2": Variant("ours QLoRA, bf16 vision, ckpt, compiled, b2", batch=2, quantize_vision=False, compile=True, **OURS_QLORA),
+    # the fused LoRA path over NF4 bases (vlmtune.speed.nf4): dequantized in the compiled graph
+    "ours_qlora_fused_b2": Variant("ours QLoRA fused, bf16 vision, ckpt, b2", batch=2, quantize_vision=False, **OURS_QLORA_FUSED),
+    "ours_qlora_fused_compile_b2": Variant("ours QLoRA fused, bf16 vision, ckpt, compiled, b2", batch=2, quantize_vision=False, compile=True, **OURS_QLORA_FUSED),
+    "ours_qlora_fused_compile": Variant("ours QLoRA fused, bf16 vision, ckpt, compiled, b8", quantize_vision=False, compile=True, **OURS_QLORA_FUSED),
+    # as stock_qlora quantizes (vision tower too), for the loss-curve check against it
+    "ours_qlora_fused_compile_all": Variant("ours QLoRA fused, ckpt, compiled, b8", compile=True, **OURS_QLORA_FUSED),
+    "ours_qlora_fused_compile_all_bf16": Variant("ours QLoRA fused, bf16 norms, ckpt, compiled, b8", compile=True, qlora_dtype="bfloat16", **OURS_QLORA_FUSED),
+    "ours_fp8bwd_compile_vision": Variant(
+        "ours bf16 fwd / fp8 grad-in + compiled, vision too", fp8=True, fp8_forward="bf16", compile=True, compile_vision=True, **OURS
+    ),
 }
 DEFAULT_VARIANTS = (
     "stock,stock_qv,stock_ckpt_b16,stock_qlora,stock_qlora_qv_b2,"
@@ -174,6 +199,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every number here")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile for one step (top kernels)")
     parser.add_argument("--profile-dir", type=Path, default=Path("."), help="where the profile tables go")
+    parser.add_argument("--skip-checks", action="store_true", help="skip the FP8 / low-rank / NF4 kernel checks before the table")
     parser.add_argument("--gpus", type=int, default=0, help="measure DDP scaling on this many GPUs (gloo processes with --tiny on CPU)")
     parser.add_argument("--scaling-variant", default="stock", help="the variant whose scaling --gpus measures")
     args = parser.parse_args()
@@ -192,11 +218,14 @@ def main() -> None:
         names.insert(0, "stock")  # every ratio is against stock measured in this run
     names.sort(key=lambda name: VARIANTS[name].compile)  # compiled rows last: they switch fp8 quantization to Inductor
     print(environment(device), flush=True)
-    try:
-        fp8_report = check_fp8_linear(device, shape)
-    except Exception as error:  # the table still tells the rest
-        fp8_report = f"fp8 linear check failed: {type(error).__name__}: {error}"
-    print(fp8_report, flush=True)
+    reports = []
+    for check in () if args.skip_checks else (check_fp8_linear, check_low_rank_add, check_nf4_dequantize):
+        try:
+            reports.append(check(device, shape))
+        except Exception as error:  # the table still tells the rest
+            reports.append(f"{check.__name__} failed: {type(error).__name__}: {error}")
+        print(reports[-1], flush=True)
+    check_report = "\n".join(reports)
 
     rows = []
     for name in names:
@@ -210,7 +239,7 @@ def main() -> None:
     curves = loss_curves(shape, device, args) if args.loss_steps > 0 else {}
     print()
     print(environment(device))
-    print(fp8_report)
+    print(check_report)
     print(format_table(rows, shape))
     if curves:
         print(format_curves(curves))
@@ -329,6 +358,85 @@ def check_fp8_linear(device: torch.device, shape: Shape) -> str:
     return "\n".join(lines)
 
 
+def check_low_rank_add(device: torch.device, shape: Shape) -> str:
+    """LoRA's rank-r adds and skinny matmuls at the 7B shapes: error, time and bandwidth, kernel against cuBLAS.
+
+    The forward adds `s * h B^T` to a column slice of a group's base output (q of q/k/v); the
+    backward adds `grad_h A` (rank 3 x 16 for q/k/v) to the input gradient. Bytes are the (tokens x
+    features) tensors read and written once, the least any version must move. Each call is timed
+    alone from Python, so for these sub-0.2 ms shapes the time includes the launch (the kernel's
+    autotuner and op dispatch, about 0.1 ms), which inside a training step overlaps the GPU's work:
+    a step's profile has the kernel's own time.
+    """
+    from vlmtune.speed.low_rank_add import add_low_rank
+
+    tokens, hidden, rank = 8 * shape.sequence_length, shape.text_hidden, 16
+    lines = []
+    cases = [
+        ("fwd q of q/k/v", 3 * hidden, hidden, rank),
+        ("fwd gate of gate/up", 2 * shape.text_intermediate, shape.text_intermediate, rank),
+        ("fwd down", hidden, hidden, rank),
+        ("bwd grad_x of q/k/v", hidden, hidden, 3 * rank),
+        ("bwd grad_x of down", shape.text_intermediate, shape.text_intermediate, rank),
+    ]
+    for label, width, features, r in cases:
+        wide = torch.randn(tokens, width, device=device, dtype=torch.bfloat16)
+        c = wide[:, :features]
+        h = torch.randn(tokens, r, device=device, dtype=torch.bfloat16)
+        b = torch.randn(features, r, device=device, dtype=torch.bfloat16) * 0.1
+        reference = c.double() + 0.5 * h.double() @ b.double().t()
+        out = add_low_rank(c, h, b, 0.5)
+        error = float((out.double() - reference).norm() / reference.norm())
+        line = f"low-rank add {label}: {tokens}x{features}, r={r}: rel err {error:.1e}"
+        if device.type == "cuda":
+            kernel_ms = time_ms(lambda: add_low_rank(c, h, b, 0.5))
+            addmm_ms = time_ms(lambda: torch.addmm(c, h, b.t(), alpha=0.5))
+            gb = 2 * tokens * features * 2 / 1e9
+            line += f"; kernel {kernel_ms:.3f} ms ({gb / kernel_ms:.2f} TB/s) vs addmm {addmm_ms:.3f} ms ({gb / addmm_ms:.2f} TB/s), {addmm_ms / kernel_ms:.2f}x"
+        lines.append(line)
+        del wide, c, h, b, reference, out
+    if device.type == "cuda":  # the other rank-r matmuls of a LoRA step, each reading one (tokens x features) tensor
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        a = torch.randn(rank, hidden, device=device, dtype=torch.bfloat16)
+        b = a.t().contiguous()  # a LoRA B weight: (features, rank)
+        h = torch.randn(tokens, rank, device=device, dtype=torch.bfloat16)
+        gb = tokens * hidden * 2 / 1e9
+        for label, fn in [("h = x A^T", lambda: x @ a.t()), ("grad_h = g B", lambda: x @ b),
+                          ("grad_B = g^T h", lambda: x.t() @ h), ("grad_A = grad_h^T x", lambda: h.t() @ x)]:
+            ms = time_ms(fn)
+            lines.append(f"skinny matmul {label}: {tokens}x{hidden}, r={rank}: {ms:.3f} ms ({gb / ms:.2f} TB/s)")
+    free_memory(device)
+    return "\n".join(lines)
+
+
+def check_nf4_dequantize(device: torch.device, shape: Shape) -> str:
+    """vlmtune's NF4 dequantization (torch ops, compiled) against bitsandbytes' kernels on an MLP weight: equal values, time."""
+    if not bitsandbytes_available():
+        return "nf4 dequantize check skipped: bitsandbytes is not installed"
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from vlmtune.speed.nf4 import dequantize_nf4, nf4_weight
+
+    linear = torch.nn.Linear(shape.text_hidden, shape.text_intermediate, bias=False, device=device, dtype=torch.bfloat16)
+    quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4").to(device)
+    weight = nf4_weight(quantized)
+    reference = F.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state)
+    compiled = torch.compile(dequantize_nf4)
+    ours = compiled(weight)
+    differing = (ours != reference).sum().item()
+    line = f"nf4 dequantize {tuple(reference.shape)}: {differing} of {reference.numel()} values differ from bitsandbytes'"
+    if device.type == "cuda":
+        ours_ms = time_ms(lambda: compiled(weight))
+        bnb_ms = time_ms(lambda: F.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state))
+        gb = reference.numel() * 2.5 / 1e9  # half a byte in, two bytes out, per value
+        line += f"; compiled {ours_ms:.3f} ms ({gb / ours_ms:.2f} TB/s) vs bitsandbytes {bnb_ms:.3f} ms ({gb / bnb_ms:.2f} TB/s)"
+    del linear, quantized, weight, reference, ours
+    free_memory(device)
+    return line
+
+
 def time_ms(fn: Callable[[], object], repeats: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -349,11 +457,20 @@ def profile_step(step: Callable, batch: dict, device: torch.device, path: Path) 
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        started = time.perf_counter()
         step(batch)
         synchronize(device)
+        wall = time.perf_counter() - started
+    averages = prof.key_averages()
+    kernel_s = sum(event.self_device_time_total for event in averages if event.device_type == torch.autograd.DeviceType.CUDA) / 1e6
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=90))
+    path.write_text(
+        f"one step: {wall:.3f} s wall under the profiler, {kernel_s:.3f} s of device kernels\n"
+        + averages.table(sort_by=sort_by, row_limit=60, max_name_column_width=90)
+        + "\nby CPU time spent in the op itself:\n"
+        + averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=90)
+    )
 
 
 def build_training(variant: Variant, shape: Shape, device: torch.device, lr: float, lora_seed: int):
@@ -361,12 +478,19 @@ def build_training(variant: Variant, shape: Shape, device: torch.device, lr: flo
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = build_model(shape, device)
+    if variant.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llava
+
+        apply_liger_kernel_to_llava(model=model)
     if variant.quant == "nf4":
         quantize_to_nf4(model, skip_modules=("lm_head",), only_under=None if variant.quantize_vision else "language_model")
     if variant.checkpointing == "kbit":
         model = prepare_model_for_kbit_training(model)
     elif variant.quant == "nf4":
-        model = prepare_qlora(model, gradient_checkpointing=variant.checkpointing == "nonreentrant", checkpoint_every=variant.checkpoint_every)
+        model = prepare_qlora(
+            model, gradient_checkpointing=variant.checkpointing == "nonreentrant", checkpoint_every=variant.checkpoint_every,
+            dtype=getattr(torch, variant.qlora_dtype),
+        )
     else:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -387,9 +511,9 @@ def build_training(variant: Variant, shape: Shape, device: torch.device, lr: flo
         convert_lora_base_to_fp8(model, backward=variant.fp8_backward, forward=variant.fp8_forward,
                                  only=("gate_proj", "up_proj", "down_proj") if variant.fp8_mlp_only else None)
     if variant.fused_lora:
-        fuse_lora_linears(model, share_inputs=variant.share_inputs)
+        fuse_lora_linears(model, share_inputs=variant.share_inputs, low_rank_kernel=variant.low_rank_kernel)
     if variant.compile:
-        compile_decoder_layers(model, mode=variant.compile_mode)
+        compile_decoder_layers(model, mode=variant.compile_mode, vision=variant.compile_vision)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=variant.fused_adamw and device.type == "cuda")
     model.train()

@@ -1,6 +1,7 @@
 """Every supported VLM family, built tiny from its config class (nothing downloaded), through the real
 tokenization, collator, LoRA and Trainer code; plus the remote-code families' module names and inputs."""
 
+import importlib.util
 import math
 
 import datasets
@@ -12,9 +13,9 @@ from torch import nn
 from tiny_families import FAMILIES, HIDDEN
 from vlmtune import cogvlm, families
 from vlmtune.collate import TrainingCollator
-from vlmtune.config import TrainConfig
+from vlmtune.config import TinyModelConfig, TrainConfig
 from vlmtune.methods import apply_lora, qlora_quantization_config
-from vlmtune.models import byte_level_tokenizer, parameter_counts
+from vlmtune.models import build_tiny_vlm, byte_level_tokenizer, parameter_counts
 from vlmtune.tokenization import IGNORE_INDEX, dataset_from_rows, encode_batch
 from vlmtune.train import fit
 
@@ -159,10 +160,33 @@ def test_qlora_refuses_to_run_without_cuda():
         qlora_quantization_config("llava")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qlora_base_keeps_its_unquantized_weights_in_the_configured_dtype(monkeypatch, dtype):
+    """As the stock recipe (prepare_model_for_kbit_training) leaves them: fp32 by default, so the residual stream is fp32."""
+    from vlmtune import methods
+    from vlmtune.speed.qlora import quantize_to_nf4
+
+    def load_quantized(ref, dtype, quantization_config=None):  # from_pretrained's result, built on CPU
+        model, _ = build_tiny_vlm(TinyModelConfig())
+        model = model.to(dtype)
+        quantize_to_nf4(model, only_under="language_model")
+        return model
+
+    monkeypatch.setattr(methods, "load_model", load_quantized)
+    monkeypatch.setattr(methods, "qlora_quantization_config", lambda model_type: None)  # it refuses to run without CUDA
+    monkeypatch.setattr(methods, "_model_type", lambda base: "llava")
+    model = methods.load_base_for(None, TrainConfig(method="qlora", qlora_dtype=dtype))
+    dense = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
+    assert dense and {p.dtype for p in dense} == {getattr(torch, dtype)}
+    assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+
+
 def test_train_config_reports_every_problem_at_once():
     with pytest.raises(ValueError) as error:
-        TrainConfig(method="prefix", lora_rank=0, lora_dropout=1.5)
+        TrainConfig(method="prefix", lora_rank=0, lora_dropout=1.5, qlora_dtype="int8")
     assert "method='prefix'" in str(error.value) and "lora_rank=0" in str(error.value) and "lora_dropout=1.5" in str(error.value)
+    assert "qlora_dtype='int8'" in str(error.value)
     with pytest.raises(ValueError, match="use_dora.*method='full'"):
         TrainConfig(method="full", use_dora=True)
     assert TrainConfig(target_modules=["q_proj", "v_proj"]).target_modules == ("q_proj", "v_proj")

@@ -1,7 +1,10 @@
 """The speed levers compute what the stock path computes (on CPU, with the tiny LLaVA)."""
 
 import copy
+import importlib.util
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -216,7 +219,8 @@ def test_enable_checkpointing_every_second_layer(tiny_vlm):
 
 
 @pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes not installed")
-def test_qlora_keeps_non_quantized_weights_bf16(tiny_vlm):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_casts_the_non_quantized_weights(tiny_vlm, dtype):
     import bitsandbytes as bnb
 
     model, _ = tiny_vlm
@@ -224,9 +228,112 @@ def test_qlora_keeps_non_quantized_weights_bf16(tiny_vlm):
     count = quantize_to_nf4(model, only_under="language_model")
     assert count == sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) > 0
     assert not isinstance(model.get_output_embeddings(), bnb.nn.Linear4bit)
-    prepare_qlora(model)
+    prepare_qlora(model, dtype=dtype)  # fp32 (the default) as PEFT's prepare_model_for_kbit_training leaves them
     dense = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
-    assert dense and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in dense)
+    assert dense and all(p.dtype == dtype and not p.requires_grad for p in dense)
+    assert all(p.dtype == torch.uint8 for p in model.parameters() if p.__class__.__name__ == "Params4bit")
+
+
+def nf4_lora(model, checkpointing: bool):
+    """The tiny VLM with its language model in NF4 (stock QLoRA numerics: fp32 non-quantized weights) and LoRA on it."""
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    quantize_to_nf4(model, only_under="language_model")
+    prepare_qlora(model, gradient_checkpointing=checkpointing)
+    return peft_lora(model)
+
+
+@pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes not installed")
+def test_nf4_dequantization_is_bitsandbytes_own(tiny_vlm):
+    """Eager it calls bitsandbytes' kernels; traced (the form Inductor fuses) it must give the same values bit for bit."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from vlmtune.speed.nf4 import _dequantize, dequantize_nf4, nf4_weight
+
+    torch.manual_seed(0)
+    linear = bnb.nn.Linear4bit(128, 200, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+    # 400 blocks of 64 values: not a whole number of 256-scale blocks, so the last nested block is partial.
+    # Rows hold whole 64-blocks, as in every real model: on rows of 96 values bitsandbytes 0.50.2's CPU
+    # kernel returned 4x its own quantization error, where this function stays at it.
+    linear.weight = bnb.nn.Params4bit((torch.randn(200, 128) * 0.02).to(torch.bfloat16), requires_grad=False, compress_statistics=True, quant_type="nf4").to("cpu")
+    weight = nf4_weight(linear)
+    reference = F.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+    assert torch.equal(dequantize_nf4(weight), reference)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)  # the traced branch, run eagerly
+        assert torch.equal(_dequantize(weight.layout, *weight[:6]), reference)
+
+
+@pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes not installed")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_lora_over_nf4_bases_matches_peft(tiny_vlm, checkpointing):
+    model, processor = tiny_vlm
+    stock = nf4_lora(model, checkpointing)
+    fused = copy.deepcopy(stock)
+    assert fuse_lora_linears(fused) == sum(1 for name, _ in stock.named_modules() if name.endswith("lora_A"))
+    groups = {id(m.lora_group): m.lora_group for m in fused.modules() if hasattr(m, "lora_group")}.values()
+    layers = model.config.text_config.num_hidden_layers
+    assert all(group.nf4 for group in groups) and sorted(len(g.layers) for g in groups) == [1] * (2 * layers) + [2] * layers + [3] * layers
+    batch = vqa_batch(model, processor, seed=4)
+    output_dtypes = {}
+    for name, m in (("stock", stock), ("fused", fused)):
+        m.train()
+        projection = next(module for module_name, module in m.named_modules() if module_name.endswith("language_model.layers.0.self_attn.q_proj"))
+        hook = projection.register_forward_hook(lambda module, args, out, name=name: output_dtypes.update({name: (args[0].dtype, out.dtype)}))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(**batch).loss.backward()  # with checkpointing, the backward recomputes through the fused functions
+        hook.remove()
+    # fp32 norms (the stock recipe's) feed fp32 inputs, and bitsandbytes + PEFT return fp32: so must the fused path
+    assert output_dtypes["fused"] == output_dtypes["stock"] == (torch.float32, torch.float32)
+    grads = {name: p.grad for name, p in stock.named_parameters() if p.requires_grad}
+    assert grads
+    for name, param in fused.named_parameters():
+        if param.requires_grad:
+            assert relative_error(param.grad, grads[name]) < 3e-2, name  # bf16 rounding order differs
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), fused.disable_adapter(), stock.disable_adapter():
+        assert torch.allclose(fused(**batch).logits.float(), stock(**batch).logits.float(), atol=1e-2)  # the members' own NF4 bases
+
+
+def test_compile_can_take_the_vision_tower_too(tiny_vlm):
+    from vlmtune.speed.compile import compile_decoder_layers
+
+    model, _ = tiny_vlm
+    text_layers, vision_layers = model.config.text_config.num_hidden_layers, model.config.vision_config.num_hidden_layers
+    assert compile_decoder_layers(copy.deepcopy(model)) == text_layers
+    assert compile_decoder_layers(copy.deepcopy(model), vision=True) == text_layers + vision_layers
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_low_rank_add_kernel_in_the_triton_interpreter():
+    """The Triton kernel's indexing and masking (strided c, transposed b, ranks below tl.dot's 16, partial tiles),
+    run by Triton's CPU interpreter in a fresh process (it must be switched on before Triton compiles anything)."""
+    code = """
+import torch
+from vlmtune.speed import low_rank_add
+kernel = low_rank_add._build_kernel(interpret=True)
+torch.manual_seed(0)
+worst = 0.0
+for dtype in (torch.float32, torch.float16):
+    for rows, cols, rank in [(70, 200, 16), (33, 96, 48), (5, 40, 8)]:
+        c = torch.randn(rows, cols + 30, dtype=dtype)[:, 10 : 10 + cols]
+        h = torch.randn(rows, rank, dtype=dtype)
+        for b in (torch.randn(cols, rank, dtype=dtype), torch.randn(rank, cols, dtype=dtype).t()):
+            out = low_rank_add._launch(lambda k: k, c, h, b, 0.7, kernel=kernel)
+            reference = c.double() + 0.7 * h.double() @ b.double().t()
+            assert out.shape == (rows, cols) and out.is_contiguous() and out.dtype == dtype
+            worst = max(worst, float((out.double() - reference).norm() / reference.norm()) / (1e-6 if dtype == torch.float32 else 1e-3))
+print(worst)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) < 1.0  # fp32 within 1e-6, fp16 within 1e-3 of float64
+
+
+def test_low_rank_add_is_addmm_on_cpu():
+    from vlmtune.speed.low_rank_add import add_low_rank
+
+    c, h, b = torch.randn(9, 30)[:, 5:25], torch.randn(9, 4), torch.randn(20, 4)
+    assert torch.allclose(add_low_rank(c, h, b, 0.5), torch.addmm(c, h, b.t(), alpha=0.5))
 
 
 @pytest.mark.slow

@@ -67,6 +67,9 @@ METHODS: tuple[Method, ...] = ("lora", "qlora", "full")
 class TrainConfig:
     # lora: bf16 base (fp32 on CPU) + LoRA; qlora: 4-bit NF4 base + LoRA (CUDA only); full: every weight, fp32 master copy.
     method: Method = "lora"
+    # qlora: the weights left unquantized (norms, embeddings, lm_head, vision tower). fp32 as the stock recipe
+    # (prepare_model_for_kbit_training) casts them, whose loss curve ours then follows; bf16 saves memory but moved it.
+    qlora_dtype: Literal["float32", "bfloat16"] = "float32"
     # "previous": a retraining continues from the current adapter (warm start); "fresh": starts from the base.
     init_from: Literal["fresh", "previous"] = "fresh"
     lora_rank: int = 8
@@ -106,6 +109,8 @@ class TrainConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} (choose one of {', '.join(map(repr, METHODS))})")
+        if self.qlora_dtype not in ("float32", "bfloat16"):
+            problems.append(f"qlora_dtype={self.qlora_dtype!r} (choose 'float32' or 'bfloat16')")
         if self.fp8_base not in ("off", "backward", "all", "mlp"):
             problems.append(f"fp8_base={self.fp8_base!r} (choose 'off', 'backward', 'all' or 'mlp')")
         if self.fp8_base != "off" and self.use_dora:

@@ -29,7 +29,11 @@ def load_base_for(base: BaseModelRef, config: TrainConfig) -> nn.Module:
     if config.method == "full":
         return load_model(base, dtype=torch.float32)
     if config.method == "qlora":
-        return load_model(base, dtype=torch.bfloat16, quantization_config=qlora_quantization_config(_model_type(base)))
+        from vlmtune.speed.qlora import cast_non_quantized
+
+        model = load_model(base, dtype=torch.bfloat16, quantization_config=qlora_quantization_config(_model_type(base)))
+        cast_non_quantized(model, getattr(torch, config.qlora_dtype))  # fp32: the stock recipe's numerics
+        return model
     return load_model(base, dtype=base_dtype())
 
 
@@ -69,13 +73,12 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 
 def qlora_quantization_config(model_type: str):
-    """NF4 + double quantization, bf16 compute; the vision tower, projector and lm_head stay in bf16.
+    """NF4 + double quantization, bf16 compute; the vision tower, projector and lm_head are not quantized.
 
-    Deliberately not followed by PEFT's `prepare_model_for_kbit_training`: it upcasts every
-    non-quantized weight (embeddings, norms, vision tower, lm_head) to fp32, which took a QLoRA run
-    to 57 GiB at batch 8 where bf16 LoRA peaks at 21 GiB at batch 16. The other things it does are
-    done here instead: inputs that require grad (`apply_lora`) and non-reentrant gradient
-    checkpointing (`fit`); norms and embeddings stay in bf16, whose range suits them.
+    What PEFT's `prepare_model_for_kbit_training` does besides is done here instead: the weights
+    left unquantized are cast to `TrainConfig.qlora_dtype` (fp32, as it casts them, by default:
+    `load_base_for`), inputs that require grad (`apply_lora`) and non-reentrant gradient
+    checkpointing (`fit`).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("method='qlora' needs a CUDA GPU (bitsandbytes 4-bit training); use method='lora' on CPU")

@@ -4,9 +4,9 @@ PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate ops: 
 is a cast of each fp32 adapter weight, a scale pass and an add pass over the (tokens x out) output,
 and in the backward as many passes again plus an accumulation into the input gradient. On a 7B
 model at batch 8 those elementwise passes cost about as much GPU time as the base matmuls in FP8.
-Here the LoRA up-projection lands in the base output through the matmul's epilogue
-(`addmm(base_out, h, B^T, alpha=scaling)`), and the backward accumulates the LoRA input gradient the
-same way, so no (tokens x features) tensor is read or written beyond what the matmuls need.
+Here the LoRA up-projection is added to the base output in one pass that reads it and writes the
+result (`low_rank_add.add_low_rank`, a Triton kernel on GPU; `addmm` on CPU or with
+`low_rank_kernel=False`), and the backward adds the LoRA share of the input gradient the same way.
 
 Projections that read one input (an attention's q/k/v, a gated MLP's gate/up) can go further as a
 group: one base matmul over their concatenated weights, one down-projection over their stacked A's,
@@ -19,8 +19,9 @@ tensor). A member called with another input than the group's computes the group 
 that feeds them different tensors stays correct, only slower.
 
 Numerically it is the stock computation with fewer bf16 roundings (the sum is taken in the matmul's
-fp32 accumulator). It covers the plain case: one adapter, no dropout, no DoRA, a frozen nn.Linear or
-`Float8FrozenLinear` base; other layers keep PEFT's forward.
+fp32 accumulator). It covers the plain case: one adapter, no dropout, no DoRA, a frozen nn.Linear,
+`Float8FrozenLinear` or bitsandbytes NF4 base (QLoRA: `nf4.nf4_linear` computes the base output,
+dequantizing the members' weights into one matrix); other layers keep PEFT's forward.
 """
 
 from __future__ import annotations
@@ -32,22 +33,24 @@ import torch
 from torch import nn
 
 from vlmtune.speed.fp8_linear import Float8FrozenLinear, quantize_rowwise, scaled_mm
+from vlmtune.speed.low_rank_add import add_low_rank, addmm_in
+from vlmtune.speed.nf4 import is_nf4_linear, nf4_linear, nf4_weight
 
 COMPUTE_DTYPE = torch.bfloat16
+LORA_INPUTS = 8  # _FusedLoraLinears.apply's arguments before the members' A and B weights
 # Leaf names of projections that read the same input, per parent module (Llama, Mistral, Qwen2,
 # Gemma, GLM-4 and their VLM wrappers all name them so).
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def fuse_lora_linears(model: nn.Module, share_inputs: bool = True) -> int:
+def fuse_lora_linears(model: nn.Module, share_inputs: bool = True, low_rank_kernel: bool = True) -> int:
     """Route every eligible PEFT LoRA linear through `_FusedLoraLinears`; returns how many were fused.
 
     `share_inputs` groups the projections of `SHARED_INPUT_GROUPS` that are all eligible and have
-    concatenable bases (their base weights are then stored once, concatenated).
+    concatenable bases (their base weights are then stored once, concatenated). `low_rank_kernel`
+    adds the rank-r products with `add_low_rank` (its Triton kernel on GPU) instead of cuBLAS `addmm`.
     """
-    from peft.tuners.lora import Linear as LoraLinear
-
-    eligible = [module for module in model.modules() if type(module) is LoraLinear and _eligible(module)]
+    eligible = [module for module in model.modules() if type(module) in _lora_linear_types() and _eligible(module)]
     ungrouped = {id(module) for module in eligible}
     groups = []
     if share_inputs:
@@ -59,8 +62,19 @@ def fuse_lora_linears(model: nn.Module, share_inputs: bool = True) -> int:
                     ungrouped -= {id(member) for member in members}
     groups += [[module] for module in eligible if id(module) in ungrouped]
     for members in groups:
-        LoraGroup(members)
+        LoraGroup(members, low_rank_kernel)
     return len(eligible)
+
+
+def _lora_linear_types() -> tuple[type, ...]:
+    """PEFT's LoRA wrapper of a plain linear, and of a bitsandbytes 4-bit linear where bitsandbytes is there."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except (ImportError, RuntimeError):
+        return (LoraLinear,)
+    return (LoraLinear, LoraLinear4bit)
 
 
 def _eligible(layer) -> bool:
@@ -70,7 +84,7 @@ def _eligible(layer) -> bool:
         return False
     if not isinstance(layer.lora_dropout[adapters[0]], nn.Identity):
         return False
-    if isinstance(base, Float8FrozenLinear):
+    if isinstance(base, Float8FrozenLinear) or is_nf4_linear(base):
         return True
     return type(base) is nn.Linear and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
 
@@ -83,21 +97,26 @@ def _concatenable(layers) -> bool:
         return len({(base.weight.dtype, base.weight.device) for base in bases}) == 1
     if all(isinstance(base, Float8FrozenLinear) for base in bases):
         return len({(base.forward_precision, base.backward) for base in bases}) == 1
-    return False
+    return all(is_nf4_linear(base) for base in bases)  # dequantized into one matrix on every call
 
 
 class LoraGroup:
     """LoRA linears that read one input, computed by one `_FusedLoraLinears` call."""
 
-    def __init__(self, layers: list[nn.Module]):
-        self.layers = layers
+    def __init__(self, layers: list[nn.Module], low_rank_kernel: bool = True):
+        self.layers, self.low_rank_kernel = layers, low_rank_kernel
         self.adapters = [next(iter(layer.lora_A.keys())) for layer in layers]
         self.out_features = [layer.base_layer.out_features for layer in layers]
-        self.base = layers[0].base_layer if len(layers) == 1 else _concatenated_base([layer.base_layer for layer in layers])
+        # NF4 bases stay with their members: they are dequantized together on each call
+        self.nf4 = is_nf4_linear(layers[0].base_layer)
+        if self.nf4 or len(layers) == 1:
+            self.base = layers[0].base_layer
+        else:
+            self.base = _concatenated_base([layer.base_layer for layer in layers])
         self.pending: list | None = None  # [input, outputs, members still to collect]
         start = 0
         for index, layer in enumerate(layers):
-            if len(layers) > 1:  # the members' own weights go: the concatenated copy replaces them
+            if len(layers) > 1 and not self.nf4:  # the members' own weights go: the concatenated copy replaces them
                 layer.base_layer = SharedBaseSlice(self.base, start, start + self.out_features[index], layer.base_layer)
                 start += self.out_features[index]
             layer.lora_group, layer.lora_group_index = self, index
@@ -106,8 +125,13 @@ class LoraGroup:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
-        base = self.base
-        if isinstance(base, Float8FrozenLinear):
+        base, base_out = self.base, None
+        if self.nf4:
+            biases = [layer.base_layer.bias for layer in self.layers]
+            bias = None if biases[0] is None else torch.cat(biases).to(COMPUTE_DTYPE)
+            base_out = nf4_linear(x2d, [nf4_weight(layer.base_layer) for layer in self.layers], bias)
+            base_tensors = (None, None, None, None, None)
+        elif isinstance(base, Float8FrozenLinear):
             base_tensors = (None, base.bias, base.weight_fp8, base.weight_scale, base.weight_bf16)
         else:
             base_tensors = (base.weight, base.bias, None, None, None)
@@ -117,7 +141,12 @@ class LoraGroup:
             member_base = layer.base_layer  # its own FP8 grad-input weight, whether grouped or not
             backward_fp8 += [getattr(member_base, "weight_t_fp8", None), getattr(member_base, "weight_t_scale", None)]
         scalings = tuple(float(layer.scaling[adapter]) for layer, adapter in zip(self.layers, self.adapters))
-        outputs = _FusedLoraLinears.apply(x2d, scalings, tuple(self.out_features), *base_tensors, *lora, *backward_fp8)
+        # The dtype stock gives: autocast's bf16 for a linear; for NF4 the input's, as bitsandbytes casts its
+        # output back, so QLoRA's fp32 residual stream (stock numerics) gets fp32 projections (bf16 ones
+        # moved its loss curve out of the seed noise on the H200: benchmarks/NOTES.md)
+        out_dtype = x.dtype if self.nf4 else COMPUTE_DTYPE
+        static = (scalings, tuple(self.out_features), self.low_rank_kernel, out_dtype)
+        outputs = _FusedLoraLinears.apply(x2d, static, base_out, *base_tensors, *lora, *backward_fp8)
         return [out.view(*shape[:-1], out.shape[-1]) for out in outputs]
 
     def output_for(self, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -189,32 +218,30 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 class _FusedLoraLinears(torch.autograd.Function):
     """Outputs `base_i(x) + scaling_i * x A_i^T B_i^T` for each member i; the base is their concatenation.
 
+    `base_out`, where given, is the base's output computed outside (an NF4 base, `nf4.nf4_linear`):
+    its gradient goes back to that function, which computes the base's share of the input gradient.
     Each member's output is a tensor of its own (not a view of the group's), so a member kept for the
     backward (attention keeps v) does not keep its siblings' outputs alive.
     """
 
     @staticmethod
-    def forward(ctx, x, scalings, out_features, weight, bias, w_fp8, w_scale, w_bf16, *lora_and_backward_fp8):
+    def forward(ctx, x, static, base_out, weight, bias, w_fp8, w_scale, w_bf16, *lora_and_backward_fp8):
+        scalings, out_features, low_rank_kernel, out_dtype = static
         members = len(scalings)
         lora, backward_fp8 = lora_and_backward_fp8[: 2 * members], lora_and_backward_fp8[2 * members :]
         a_list = [a.to(COMPUTE_DTYPE) for a in lora[0::2]]
         b_list = [b.to(COMPUTE_DTYPE) for b in lora[1::2]]
         a = a_list[0] if len(a_list) == 1 else torch.cat(a_list)
         h = x @ a.t()  # (tokens, total rank): every member's down-projection in one matmul
-        if w_fp8 is not None:
-            x_fp8, x_scale = quantize_rowwise(x)
-            base_out = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale)
-        elif w_bf16 is not None:  # FP8 on the backward only: the forward is the exact bf16 one
-            base_out = x @ w_bf16.t()
-        else:
-            base_out = x @ weight.to(COMPUTE_DTYPE).t()
-        if bias is not None:
-            base_out = base_out + bias.to(COMPUTE_DTYPE)
+        ctx.external_base = base_out is not None
+        if base_out is None:
+            base_out = _base_output(x, weight, bias, w_fp8, w_scale, w_bf16)
         rows, cols = _offsets(a_list), _offsets(out_features)
+        add = add_low_rank if low_rank_kernel else _addmm
         outputs = tuple(
-            torch.addmm(_columns(base_out, cols, i), h[:, rows[i] : rows[i + 1]], b.t(), alpha=s) for i, (b, s) in enumerate(zip(b_list, scalings))
+            add(_columns(base_out, cols, i), h[:, rows[i] : rows[i + 1]], b, s, out_dtype) for i, (b, s) in enumerate(zip(b_list, scalings))
         )
-        ctx.scalings, ctx.rows, ctx.cols = scalings, rows, cols
+        ctx.scalings, ctx.rows, ctx.cols, ctx.low_rank_kernel = scalings, rows, cols, low_rank_kernel
         ctx.dtypes = [t.dtype for t in lora]
         ctx.save_for_backward(x, h, a, weight, w_bf16, *b_list, *backward_fp8)
         return outputs
@@ -233,13 +260,17 @@ class _FusedLoraLinears(torch.autograd.Function):
         grad_h_list = [(g @ b) * s for g, b, s in zip(grads, b_list, ctx.scalings)]
         grad_h = grad_h_list[0] if len(grads) == 1 else torch.cat(grad_h_list, dim=1)  # (tokens, total rank)
         grad_lora: list[torch.Tensor | None] = [None] * (2 * len(grads))
-        if any(ctx.needs_input_grad[8 : 8 + 2 * members]):
+        if any(ctx.needs_input_grad[LORA_INPUTS : LORA_INPUTS + 2 * members]):
             grad_a = grad_h.t() @ x
             for i, (g, s) in enumerate(zip(grads, ctx.scalings)):
                 grad_lora[2 * i] = grad_a[rows[i] : rows[i + 1]].to(ctx.dtypes[2 * i])
                 grad_lora[2 * i + 1] = ((g.t() @ h[:, rows[i] : rows[i + 1]]) * s).to(ctx.dtypes[2 * i + 1])
-        grad_x = None
-        if ctx.needs_input_grad[0]:
+        grad_x = grad_base_out = None
+        if ctx.external_base:
+            grad_base_out = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_h @ a.to(grad_h.dtype)  # the LoRA share; the base's comes from the base's own function
+        elif ctx.needs_input_grad[0]:
             if backward_fp8[0] is not None:  # one FP8 matmul per member, each gradient with its own scales
                 for i, g in enumerate(grads):
                     grad_fp8, grad_scale = quantize_rowwise(g)
@@ -248,8 +279,24 @@ class _FusedLoraLinears(torch.autograd.Function):
             else:  # one matmul over the concatenated gradient and weight
                 grad_out = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
                 grad_x = grad_out @ (w_bf16 if w_bf16 is not None else weight.to(COMPUTE_DTYPE))
-            grad_x = grad_x.addmm_(grad_h, a)
-        return (grad_x, None, None, None, None, None, None, None, *grad_lora, *[None] * (2 * members))
+            grad_x = (add_low_rank if ctx.low_rank_kernel else _addmm)(grad_x, grad_h, a.t(), 1.0)
+        return (grad_x, None, grad_base_out, *[None] * 5, *grad_lora, *[None] * (2 * members))
+
+
+def _base_output(x, weight, bias, w_fp8, w_scale, w_bf16) -> torch.Tensor:
+    if w_fp8 is not None:
+        x_fp8, x_scale = quantize_rowwise(x)
+        out = scaled_mm(x_fp8, w_fp8.t(), x_scale, w_scale)
+    elif w_bf16 is not None:  # FP8 on the backward only: the forward is the exact bf16 one
+        out = x @ w_bf16.t()
+    else:
+        out = x @ weight.to(COMPUTE_DTYPE).t()
+    return out if bias is None else out + bias.to(COMPUTE_DTYPE)
+
+
+def _addmm(c: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`add_low_rank` through cuBLAS: what the benchmark compares the kernel against."""
+    return addmm_in(out_dtype or c.dtype, c, h, b, scale)
 
 
 def _offsets(parts) -> list[int]:

@@ -1,11 +1,14 @@
-"""QLoRA without the fp32 upcasts: nf4 + double quantization + bf16 compute, bf16 everywhere else.
+"""QLoRA: nf4 + double quantization + bf16 compute, the other weights in fp32 (as the stock recipe) or bf16.
 
 PEFT's `prepare_model_for_kbit_training` casts every weight that is not 4-bit (embeddings, norms,
-lm_head, anything skipped by the quantizer) to fp32. The fp32 norms then turn the whole residual
-stream into fp32, the logits are fp32 twice over, and checkpointing saves fp32 activations: the
-stock recipe peaks at 57 GiB at batch 8 on a 7B LLaVA. `prepare_qlora` keeps those weights in bf16,
-freezes the base, and turns on non-reentrant checkpointing, which needs no `enable_input_require_grads`
-hack (that is only for the reentrant variant, whose recompute ignores inputs without grad).
+lm_head, anything skipped by the quantizer) to fp32, so the residual stream runs in fp32 while the
+matmuls run in bf16 under autocast. `prepare_qlora` does the same by default, so that a QLoRA run
+with vlmtune's speed levers learns what the stock recipe learns (`benchmarks/NOTES.md`: with bf16
+norms the loss curve left the seed noise); `dtype=torch.bfloat16` keeps those weights in bf16 for a
+little less memory. It freezes the base and turns on non-reentrant checkpointing, which needs no
+`enable_input_require_grads` hack (that is only for the reentrant variant, whose recompute ignores
+inputs without grad). On the 7B benchmark the stock recipe peaked at 10.1 GiB at batch 8, not the
+57 GiB reported for it: the memory goes to activations, which checkpointing bounds.
 
 Use `nf4_quantization_config()` with `from_pretrained(..., quantization_config=...)` for real weights,
 or `quantize_to_nf4` for a model already in memory (the benchmark's random 7B model).
@@ -85,8 +88,20 @@ def quantize_to_nf4(model: nn.Module, skip_modules: Iterable[str] = ("lm_head",)
     return len(targets)
 
 
-def prepare_qlora(model: nn.Module, gradient_checkpointing: bool = True, checkpoint_every: int = 1) -> nn.Module:
-    """Freeze the k-bit base and enable non-reentrant checkpointing, keeping non-quantized weights bf16.
+def cast_non_quantized(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every floating-point weight that is not 4-bit to `dtype` (in place); returns how many changed."""
+    changed = 0
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+            changed += 1
+    return changed
+
+
+def prepare_qlora(
+    model: nn.Module, gradient_checkpointing: bool = True, checkpoint_every: int = 1, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Freeze the k-bit base, cast its non-quantized weights to `dtype`, and enable non-reentrant checkpointing.
 
     `checkpoint_every=k` checkpoints every k-th decoder layer only (`checkpointing.enable_checkpointing`).
     """
@@ -94,9 +109,7 @@ def prepare_qlora(model: nn.Module, gradient_checkpointing: bool = True, checkpo
 
     for param in model.parameters():
         param.requires_grad_(False)
-    for param in model.parameters():
-        if param.dtype in (torch.float16, torch.float32) and param.__class__.__name__ != "Params4bit":
-            param.data = param.data.to(torch.bfloat16)
+    cast_non_quantized(model, dtype)
     if gradient_checkpointing:
         enable_checkpointing(model, every=checkpoint_every)
     if getattr(model, "config", None) is not None:
