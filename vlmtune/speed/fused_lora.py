@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from vlmtune.speed.fp8_linear import Float8FrozenLinear, quantize_rowwise, scaled_mm
-from vlmtune.speed.low_rank_add import add_low_rank, addmm_in
+from vlmtune.speed.low_rank_add import add_low_rank, addmm_low_rank
 from vlmtune.speed.nf4 import is_nf4_linear, nf4_linear, nf4_weight
 
 COMPUTE_DTYPE = torch.bfloat16
@@ -109,6 +109,10 @@ class LoraGroup:
         self.out_features = [layer.base_layer.out_features for layer in layers]
         # NF4 bases stay with their members: they are dequantized together on each call
         self.nf4 = is_nf4_linear(layers[0].base_layer)
+        if self.nf4:
+            self.nf4_weights = [nf4_weight(layer.base_layer) for layer in layers]
+            biases = [layer.base_layer.bias for layer in layers]
+            self.nf4_bias = None if biases[0] is None else torch.cat([bias.detach() for bias in biases]).to(COMPUTE_DTYPE)
         if self.nf4 or len(layers) == 1:
             self.base = layers[0].base_layer
         else:
@@ -127,9 +131,7 @@ class LoraGroup:
         x2d = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
         base, base_out = self.base, None
         if self.nf4:
-            biases = [layer.base_layer.bias for layer in self.layers]
-            bias = None if biases[0] is None else torch.cat(biases).to(COMPUTE_DTYPE)
-            base_out = nf4_linear(x2d, [nf4_weight(layer.base_layer) for layer in self.layers], bias)
+            base_out = nf4_linear(x2d, self.nf4_weights, self.nf4_bias)
             base_tensors = (None, None, None, None, None)
         elif isinstance(base, Float8FrozenLinear):
             base_tensors = (None, base.bias, base.weight_fp8, base.weight_scale, base.weight_bf16)
@@ -237,7 +239,7 @@ class _FusedLoraLinears(torch.autograd.Function):
         if base_out is None:
             base_out = _base_output(x, weight, bias, w_fp8, w_scale, w_bf16)
         rows, cols = _offsets(a_list), _offsets(out_features)
-        add = add_low_rank if low_rank_kernel else _addmm
+        add = add_low_rank if low_rank_kernel else addmm_low_rank
         outputs = tuple(
             add(_columns(base_out, cols, i), h[:, rows[i] : rows[i + 1]], b, s, out_dtype) for i, (b, s) in enumerate(zip(b_list, scalings))
         )
@@ -269,7 +271,7 @@ class _FusedLoraLinears(torch.autograd.Function):
         if ctx.external_base:
             grad_base_out = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
             if ctx.needs_input_grad[0]:
-                grad_x = grad_h @ a.to(grad_h.dtype)  # the LoRA share; the base's comes from the base's own function
+                grad_x = grad_h @ a  # the LoRA share; the base's comes from the base's own function
         elif ctx.needs_input_grad[0]:
             if backward_fp8[0] is not None:  # one FP8 matmul per member, each gradient with its own scales
                 for i, g in enumerate(grads):
@@ -279,7 +281,7 @@ class _FusedLoraLinears(torch.autograd.Function):
             else:  # one matmul over the concatenated gradient and weight
                 grad_out = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
                 grad_x = grad_out @ (w_bf16 if w_bf16 is not None else weight.to(COMPUTE_DTYPE))
-            grad_x = (add_low_rank if ctx.low_rank_kernel else _addmm)(grad_x, grad_h, a.t(), 1.0)
+            grad_x = (add_low_rank if ctx.low_rank_kernel else addmm_low_rank)(grad_x, grad_h, a.t(), 1.0)
         return (grad_x, None, grad_base_out, *[None] * 5, *grad_lora, *[None] * (2 * members))
 
 
@@ -293,10 +295,6 @@ def _base_output(x, weight, bias, w_fp8, w_scale, w_bf16) -> torch.Tensor:
         out = x @ weight.to(COMPUTE_DTYPE).t()
     return out if bias is None else out + bias.to(COMPUTE_DTYPE)
 
-
-def _addmm(c: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`add_low_rank` through cuBLAS: what the benchmark compares the kernel against."""
-    return addmm_in(out_dtype or c.dtype, c, h, b, scale)
 
 
 def _offsets(parts) -> list[int]:

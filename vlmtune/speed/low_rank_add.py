@@ -40,15 +40,17 @@ def _define_op():
         tensor of `out_dtype` (c's by default)."""
         if c.is_cuda and launch is not None and h.shape[1] <= MAX_RANK:
             return _launch(launch, c, h, b, scale, out_dtype=out_dtype)
-        return addmm_in(out_dtype or c.dtype, c, h, b, scale)
+        return addmm_low_rank(c, h, b, scale, out_dtype)
 
     if launch is None:
         add_low_rank.register_fake(lambda c, h, b, scale, out_dtype=None: c.new_empty(c.shape, dtype=out_dtype or c.dtype))
     return add_low_rank
 
 
-def addmm_in(dtype: torch.dtype, c: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same sum through `torch.addmm` in `dtype`, whatever autocast would pick (it is called under autocast)."""
+def addmm_low_rank(c: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same sum through `torch.addmm` (cuBLAS on GPU: what the benchmark compares the kernel against),
+    in `out_dtype` whatever autocast would pick (it is called under autocast)."""
+    dtype = out_dtype or c.dtype
     with torch.autocast(c.device.type, enabled=False):
         return torch.addmm(c.to(dtype), h.to(dtype), b.t().to(dtype), alpha=scale)
 
