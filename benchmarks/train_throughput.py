@@ -9,6 +9,11 @@ run on the same GPU. A loss-curve check then trains stock and ours on identical 
     python benchmarks/train_throughput.py --variants stock,ours_fp8 --steps 10
     python benchmarks/train_throughput.py --tiny               # a tiny LLaVA on CPU: a sanity check only
     python benchmarks/train_throughput.py --gpus 2             # DDP scaling: tokens/s per GPU on 2 GPUs vs 1
+    python benchmarks/train_throughput.py --varlen 32,512 --variants stock,ours_fp8bwd_compile,ours_fp8bwd_compile_packed
+
+`--varlen MIN,MAX` draws each sample's text length from MIN..MAX: padded variants pad a batch to
+its longest sample (stock collation), `padding_free` ones pack it into one row (vlmtune.packing).
+Tokens/s counts real tokens only, so padding is work that earns nothing.
 
 Stock: bf16 weights, bf16 autocast, torch AdamW, PEFT LoRA r=16 (alpha 32, no dropout), SDPA
 attention, `model(**batch).loss`. QLoRA stock: nf4 + double quantization + bf16 compute, then
@@ -21,6 +26,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -39,6 +45,8 @@ from vlmtune.speed.compile import compile_decoder_layers  # noqa: E402
 from vlmtune.speed.fused_lora import fuse_lora_linears  # noqa: E402
 from vlmtune.speed.fp8_linear import convert_lora_base_to_fp8  # noqa: E402
 from vlmtune.speed.lora_inputs import keep_lora_inputs_bf16  # noqa: E402
+from vlmtune.packing import pack_sequences  # noqa: E402
+from vlmtune.speed import varlen_attention  # noqa: E402
 from vlmtune.speed.qlora import bitsandbytes_available, prepare_qlora, quantize_to_nf4  # noqa: E402
 
 IGNORE_INDEX = -100
@@ -73,6 +81,7 @@ class Variant:
     qlora_dtype: Literal["float32", "bfloat16"] = "float32"  # with nf4 and prepare_qlora: the non-quantized weights (stock: fp32)
     use_dora: bool = False
     use_rslora: bool = False
+    padding_free: bool = False  # the batch packed into one row, attention per sample (vlmtune.speed.varlen_attention)
 
 
 OURS = dict(answer_loss=True, fused_adamw=True, bf16_lora_inputs=True, fused_lora=True)
@@ -113,7 +122,7 @@ VARIANTS: dict[str, Variant] = {
     ),
     "ours_bf16_compile_addmm": Variant("ours bf16 + compiled, LoRA adds by cuBLAS addmm", compile=True, low_rank_kernel=False, **OURS),
     # Inductor's autotuned Triton matmul templates for the skinny LoRA matmuls (about 15 ms of the
-    # FP8-backward step on an H200: NOTES.md); not yet measured
+    # FP8-backward step on an H200): measured, no gain (1.94x against 1.96x, NOTES.md session 5)
     "ours_fp8bwd_autotune": Variant(
         "ours bf16 fwd / fp8 grad-in + compiled, max-autotune", fp8=True, fp8_forward="bf16", compile=True, compile_mode="max-autotune-no-cudagraphs", **OURS
     ),
@@ -138,6 +147,11 @@ VARIANTS: dict[str, Variant] = {
     # as stock_qlora quantizes (vision tower too), for the loss-curve check against it
     "ours_qlora_fused_compile_all": Variant("ours QLoRA fused, ckpt, compiled, b8", compile=True, **OURS_QLORA_FUSED),
     "ours_qlora_fused_compile_all_bf16": Variant("ours QLoRA fused, bf16 norms, ckpt, compiled, b8", compile=True, qlora_dtype="bfloat16", **OURS_QLORA_FUSED),
+    "ours_fp8bwd_compile_packed": Variant(
+        "ours bf16 fwd / fp8 grad-in + compiled, padding-free", fp8=True, fp8_forward="bf16", compile=True, padding_free=True, **OURS
+    ),
+    "ours_bf16_compile_packed": Variant("ours bf16 + compiled, padding-free", compile=True, padding_free=True, **OURS),
+    "stock_packed": Variant("stock + padding-free batches", padding_free=True),
     "ours_fp8bwd_compile_vision": Variant(
         "ours bf16 fwd / fp8 grad-in + compiled, vision too", fp8=True, fp8_forward="bf16", compile=True, compile_vision=True, **OURS
     ),
@@ -165,8 +179,9 @@ class Shape:
     text_layers: int = 32
     text_heads: int = 32
     vocab_size: int = 32064  # llava-hf/llava-1.5-7b-hf: Llama-2's 32000 + image and pad tokens, padded
-    text_tokens: int = 64
+    text_tokens: int = 64  # the longest text a sample has (all of them without text_tokens_min)
     answer_tokens: int = 16
+    text_tokens_min: int | None = None  # variable-length samples: text lengths uniform in text_tokens_min..text_tokens
 
     @property
     def image_tokens(self) -> int:
@@ -202,6 +217,8 @@ def main() -> None:
     parser.add_argument("--skip-checks", action="store_true", help="skip the FP8 / low-rank / NF4 kernel checks before the table")
     parser.add_argument("--gpus", type=int, default=0, help="measure DDP scaling on this many GPUs (gloo processes with --tiny on CPU)")
     parser.add_argument("--scaling-variant", default="stock", help="the variant whose scaling --gpus measures")
+    parser.add_argument("--varlen", default="", help="MIN,MAX: each sample's text tokens drawn from MIN..MAX (default: all --text-tokens)")
+    parser.add_argument("--batches", type=int, default=2, help="distinct batches the timed steps cycle through")
     args = parser.parse_args()
     if args.gpus:
         return print_scaling(args, parser)
@@ -210,6 +227,11 @@ def main() -> None:
     if device.type == "cpu" and not args.tiny:
         parser.error("the 7B benchmark needs a GPU; use --tiny on CPU")
     shape = TINY if args.tiny else Shape()
+    if args.varlen:
+        shortest, longest = (int(n) for n in args.varlen.split(","))
+        if not shape.answer_tokens + 1 <= shortest <= longest:
+            parser.error(f"--varlen needs {shape.answer_tokens + 1} <= MIN <= MAX")
+        shape = replace(shape, text_tokens=longest, text_tokens_min=shortest)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
@@ -219,7 +241,7 @@ def main() -> None:
     names.sort(key=lambda name: VARIANTS[name].compile)  # compiled rows last: they switch fp8 quantization to Inductor
     print(environment(device), flush=True)
     reports = []
-    for check in () if args.skip_checks else (check_fp8_linear, check_low_rank_add, check_nf4_dequantize):
+    for check in () if args.skip_checks else (check_fp8_linear, check_low_rank_add, check_nf4_dequantize, check_varlen_attention):
         try:
             reports.append(check(device, shape))
         except Exception as error:  # the table still tells the rest
@@ -296,10 +318,12 @@ def run_variant(name: str, variant: Variant, shape: Shape, device: torch.device,
         model, optimizer, step = build_training(variant, shape, device, args.lr, lora_seed=0)
         row["setup_s"] = round(time.perf_counter() - started, 1)
         row["base_params"] = count_base_params(model)
-        batches = make_batches(shape, variant.batch, device, count=2, seed=1)
+        batches = make_batches(shape, variant.batch, device, count=args.batches, seed=1, padding_free=variant.padding_free)
+        batch_tokens = [real_tokens(batch, shape) for batch in batches]
         reset_memory(device)
         started = time.perf_counter()
-        for i in range(args.warmup):
+        # every distinct batch (shape) once before timing, so torch.compile has seen them all
+        for i in range(max(args.warmup, len(batches) if shape.text_tokens_min else 0)):
             step(batches[i % len(batches)])
         synchronize(device)
         row["warmup_s"] = round(time.perf_counter() - started, 1)
@@ -310,14 +334,15 @@ def run_variant(name: str, variant: Variant, shape: Shape, device: torch.device,
             synchronize(device)
             times.append(time.perf_counter() - started)
         median = statistics.median(times)
-        tokens = variant.batch * shape.sequence_length
+        tokens_per_s = sum(batch_tokens[i % len(batches)] for i in range(args.steps)) / sum(times)
         if name in args.profile.split(","):
             profile_step(step, batches[0], device, args.profile_dir / f"profile_{name}.txt")
         row.update(
             step_s=median,
             step_spread=(max(times) - min(times)) / median,
-            tokens_per_s=tokens / median,
-            tflops=4 * row["base_params"] * tokens / median / 1e12,
+            tokens_per_s=tokens_per_s,
+            padded_share=1 - sum(batch_tokens) / sum(batch["input_ids"].numel() for batch in batches),
+            tflops=4 * row["base_params"] * tokens_per_s / 1e12,
             **peak_memory(device),
         )
     except Exception as error:  # one failed row (OOM, missing backend) must not lose the others
@@ -437,6 +462,44 @@ def check_nf4_dequantize(device: torch.device, shape: Shape) -> str:
     return line
 
 
+def check_varlen_attention(device: torch.device, shape: Shape) -> str:
+    """Packed attention (forward + backward) against SDPA run on each sample alone, at the 7B head shape; its time
+    against the padded batch's SDPA (the stock cost) and against SDPA over the packed row with a block mask."""
+    if device.type != "cuda":
+        return "varlen attention check skipped: it runs on CUDA only (elsewhere packed rows take the SDPA fallback)"
+    import torch.nn.functional as F
+    from types import SimpleNamespace
+
+    heads, dim = shape.text_heads, shape.text_hidden // shape.text_heads
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(shape.image_tokens + 32, shape.image_tokens + 513, (8,), generator=generator).tolist()
+    total, longest = sum(lengths), max(lengths)
+    cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(1, heads, total, dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, total, heads, dim, device=device, dtype=torch.bfloat16)
+    module = SimpleNamespace(is_causal=True, training=True)
+    packed = lambda: varlen_attention.varlen_attention_forward(module, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu, max_length_q=longest)[0]  # noqa: E731
+    out = packed()
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    errors = []
+    for i, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        pieces = [t[:, :, start:end].detach().requires_grad_() for t in (q, k, v)]
+        reference = F.scaled_dot_product_attention(*pieces, is_causal=True).transpose(1, 2)
+        reference_grads = torch.autograd.grad(reference, pieces, grad[:, start:end])
+        errors.append(float((out[:, start:end] - reference).abs().max()))
+        errors.extend(float((g[:, :, start:end] - r).abs().max()) for g, r in zip(grads, reference_grads))
+    padded = [torch.randn(8, heads, longest, dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    padded_grad = torch.randn(8, heads, longest, dim, device=device, dtype=torch.bfloat16)
+    segment = torch.repeat_interleave(torch.arange(8, device=device), torch.tensor(lengths, device=device))
+    block_mask = (segment[:, None] == segment[None, :]).tril()[None, None]
+    packed_ms = time_ms(lambda: torch.autograd.grad(packed(), (q, k, v), grad))
+    padded_ms = time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(*padded, is_causal=True), padded, padded_grad))
+    masked_ms = time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask), (q, k, v), grad.transpose(1, 2)))
+    return (f"varlen attention, 8 samples of {min(lengths)}-{longest} tokens, {heads} heads x {dim}: max abs diff to per-sample SDPA "
+            f"{max(errors):.1e} (fwd + grads); fwd+bwd {packed_ms:.3f} ms vs padded-batch SDPA {padded_ms:.3f} ms "
+            f"vs block-masked SDPA {masked_ms:.3f} ms")
+
+
 def time_ms(fn: Callable[[], object], repeats: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -477,7 +540,7 @@ def build_training(variant: Variant, shape: Shape, device: torch.device, lr: flo
     """The model with LoRA and every lever of `variant` applied, its optimizer, and a step function."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = build_model(shape, device)
+    model = build_model(shape, device, text_attention=varlen_attention.NAME if variant.padding_free else "sdpa")
     if variant.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llava
 
@@ -534,9 +597,11 @@ def build_training(variant: Variant, shape: Shape, device: torch.device, lr: flo
     return model, optimizer, step
 
 
-def build_model(shape: Shape, device: torch.device):
+def build_model(shape: Shape, device: torch.device, text_attention: str = "sdpa"):
     """LLaVA-1.5 from its config: random bf16 weights made on `device`, the same for every seed-0 call."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    varlen_attention.register()
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
@@ -559,7 +624,9 @@ def build_model(shape: Shape, device: torch.device):
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = LlavaForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16, attn_implementation={"text_config": text_attention, "vision_config": "sdpa"}
+        )
     return model.to(device)
 
 
@@ -571,27 +638,44 @@ def pad_token(shape: Shape) -> int:
     return PAD_TOKEN_ID if shape.vocab_size > PAD_TOKEN_ID else shape.vocab_size - 1
 
 
-def make_batches(shape: Shape, batch: int, device: torch.device, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """`count` VQA-shaped batches: <s>, the image tokens, a prompt, and an answer that alone is labelled."""
+def make_batches(shape: Shape, batch: int, device: torch.device, count: int, seed: int, padding_free: bool = False) -> list[dict]:
+    """`count` VQA-shaped batches: <s>, the image tokens, a prompt, and an answer that alone is labelled.
+
+    Right-padded to the batch's longest sample (the stock collation), or packed into one row with
+    `padding_free`; the same seed gives the same samples either way.
+    """
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        text = torch.randint(3, min(shape.vocab_size, IMAGE_TOKEN_ID) - 2, (batch, shape.text_tokens - 1), generator=generator)
-        input_ids = torch.cat(
-            [torch.ones(batch, 1, dtype=torch.long), torch.full((batch, shape.image_tokens), image_token(shape)), text], dim=1
-        )
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        labels[:, -shape.answer_tokens :] = input_ids[:, -shape.answer_tokens :]
-        pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, generator=generator)
-        batches.append(
-            {
-                "input_ids": input_ids.to(device),
-                "attention_mask": torch.ones_like(input_ids).to(device),
-                "pixel_values": pixels.to(device, torch.bfloat16),
-                "labels": labels.to(device),
-            }
-        )
+        if shape.text_tokens_min is None:
+            lengths = [shape.text_tokens] * batch
+        else:
+            lengths = torch.randint(shape.text_tokens_min, shape.text_tokens + 1, (batch,), generator=generator).tolist()
+        samples = []
+        for length in lengths:
+            text = torch.randint(3, min(shape.vocab_size, IMAGE_TOKEN_ID) - 2, (length - 1,), generator=generator)
+            ids = torch.cat([torch.ones(1, dtype=torch.long), torch.full((shape.image_tokens,), image_token(shape)), text])
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[-shape.answer_tokens :] = ids[-shape.answer_tokens :]
+            samples.append((ids, labels))
+        pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, generator=generator).to(device, torch.bfloat16)
+        if padding_free:
+            packed = pack_sequences([ids.tolist() for ids, _ in samples], [labels.tolist() for _, labels in samples], pad_token(shape))
+            batches.append({**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}, "pixel_values": pixels})
+            continue
+        longest = max(len(ids) for ids, _ in samples)
+        input_ids = torch.full((batch, longest), pad_token(shape), dtype=torch.long)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+        for row, (ids, sample_labels) in enumerate(samples):
+            input_ids[row, : len(ids)], labels[row, : len(ids)], attention_mask[row, : len(ids)] = ids, sample_labels, 1
+        batches.append({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "pixel_values": pixels, "labels": labels.to(device)})
     return batches
+
+
+def real_tokens(batch: dict, shape: Shape) -> int:
+    """The batch's tokens that are not padding (padding is the only place the pad token appears)."""
+    return int((batch["input_ids"] != pad_token(shape)).sum())
 
 
 def loss_curves(shape: Shape, device: torch.device, args) -> dict:
@@ -607,15 +691,13 @@ def loss_curves(shape: Shape, device: torch.device, args) -> dict:
         for run in [(reference, 0), (candidate, 0), (reference, 1)]:
             if run not in runs:
                 runs.append(run)
-    batches = make_batches(shape, batch, torch.device("cpu"), count=args.loss_batches, seed=2)
     curves: dict[str, list[float] | str] = {}
     for name, seed in runs:
         model = optimizer = step = None
         try:
+            batches = make_batches(shape, batch, device, count=args.loss_batches, seed=2, padding_free=VARIANTS[name].padding_free)
             model, optimizer, step = build_training(VARIANTS[name], shape, device, args.loss_lr, lora_seed=seed)
-            curves[f"{name}@{seed}"] = [
-                float(step({k: v.to(device) for k, v in batches[i % len(batches)].items()})) for i in range(args.loss_steps)
-            ]
+            curves[f"{name}@{seed}"] = [float(step(batches[i % len(batches)])) for i in range(args.loss_steps)]
         except Exception as error:
             curves[f"{name}@{seed}"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         finally:
@@ -644,16 +726,18 @@ def format_curves(result: dict) -> str:
 
 def format_table(rows: list[dict], shape: Shape) -> str:
     stock = next((r for r in rows if r["name"] == "stock" and "error" not in r), None)
-    header = f"| variant | batch | tokens/s | x stock | step s | x stock | peak GiB (alloc) | x stock | peak GiB (reserved) | TFLOP/s (4PN) | of {MATMUL_CEILING_TFLOPS:.0f} |"
-    lines = [f"sequence {shape.sequence_length} tokens ({shape.image_tokens} image + {shape.text_tokens} text, {shape.answer_tokens} labelled)", header, "|" + "---|" * 11]
+    header = (f"| variant | batch | tokens/s | x stock | step s | x stock | peak GiB (alloc) | x stock | peak GiB (reserved) | padding "
+              f"| TFLOP/s (4PN) | of {MATMUL_CEILING_TFLOPS:.0f} |")
+    text = f"{shape.text_tokens_min}-{shape.text_tokens}" if shape.text_tokens_min else f"{shape.text_tokens}"
+    lines = [f"{shape.image_tokens} image + {text} text tokens a sample, {shape.answer_tokens} labelled; tokens/s counts real tokens", header, "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['description']} | {r['batch']} | failed: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['description']} | {r['batch']} | failed: {r['error']} |" + " |" * 9)
             continue
         ratio = (lambda key: f"{r[key] / stock[key]:.2f}") if stock else (lambda key: "-")
         lines.append(
             f"| {r['description']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {ratio('tokens_per_s')} | {r['step_s']:.3f} | {ratio('step_s')} "
-            f"| {r['peak_gib']:.1f} | {ratio('peak_gib')} | {r['reserved_gib']:.1f} | {r['tflops']:.0f} | {r['tflops'] / MATMUL_CEILING_TFLOPS:.0%} |"
+            f"| {r['peak_gib']:.1f} | {ratio('peak_gib')} | {r['reserved_gib']:.1f} | {r['padded_share']:.0%} | {r['tflops']:.0f} | {r['tflops'] / MATMUL_CEILING_TFLOPS:.0%} |"
         )
     return "\n".join(lines)
 
@@ -678,7 +762,8 @@ def environment(device: torch.device) -> str:
     import transformers
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    return f"device {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    allocator = f"; PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']}" if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") else ""
+    return f"device {gpu}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}{allocator}"
 
 
 def reset_memory(device: torch.device) -> None:

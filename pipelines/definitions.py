@@ -59,7 +59,11 @@ def build_definitions(
             "artifacts": ArtifactStoreResource(root=str(Path(home or env("VQA_HOME", "artifacts")).resolve())),
             "drops": DropsResource(root=str(data_root / "drops")),
             "settings": PipelineSettings(profile=profile or env("VQA_PROFILE", "demo")),
-            "base": BaseModelResource(model_id=model_id or env("VQA_BASE_MODEL", TINY_MODEL_ID)),
+            "base": BaseModelResource(
+                model_id=model_id or env("VQA_BASE_MODEL", TINY_MODEL_ID),
+                # an environment switch, since run config for a resource replaces all of its fields (model_id too)
+                trust_remote_code=env("VQA_TRUST_REMOTE_CODE", "false").lower() in ("1", "true", "yes"),
+            ),
             "launcher": TrainingLauncher(),
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
         },

@@ -25,3 +25,14 @@ def test_every_asset_has_a_code_version():
     for asset in defs.assets:
         for spec in asset.specs:
             assert spec.code_version, spec.key
+
+
+def test_remote_code_is_opted_into_from_the_environment_beside_the_base_model(tmp_path, monkeypatch):
+    def base(**env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return build_definitions(profile="smoke", home=str(tmp_path / "a"), data_dir=str(tmp_path / "d")).resources["base"]
+
+    assert base().trust_remote_code is False
+    opted_in = base(VQA_BASE_MODEL="/models/cogvlm-chat-hf", VQA_TRUST_REMOTE_CODE="true")
+    assert opted_in.trust_remote_code is True and opted_in.model_id == "/models/cogvlm-chat-hf"

@@ -118,3 +118,14 @@ def test_the_scaling_benchmark_runs_data_parallel_processes(tmp_path):
     rows = json.loads(result.read_text())["scaling"]
     assert [row["world_size"] for row in rows] == [1, 2]
     assert rows[0]["efficiency"] == 1.0 and all(row["tokens_per_s"] > 0 for row in rows)
+
+
+def test_the_trainer_process_grows_cuda_memory_in_place_unless_the_user_says_otherwise(monkeypatch):
+    from pipelines import train_worker
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    train_worker.use_allocator_default()
+    assert train_worker.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    train_worker.use_allocator_default()
+    assert train_worker.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

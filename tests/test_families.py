@@ -148,7 +148,7 @@ def test_gradient_checkpointing_cuts_the_activations_kept_for_backward():
 
 def test_qlora_is_nf4_double_quantized_bf16_compute_and_keeps_vision_and_projector_out(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    config = qlora_quantization_config("qwen2_vl")
+    config = qlora_quantization_config(families.family_by_model_type("qwen2_vl"))
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
     assert {"visual", "visual.merger", "lm_head"} <= set(config.llm_int8_skip_modules)
@@ -157,7 +157,7 @@ def test_qlora_is_nf4_double_quantized_bf16_compute_and_keeps_vision_and_project
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_qlora_refuses_to_run_without_cuda():
     with pytest.raises(RuntimeError, match="CUDA"):
-        qlora_quantization_config("llava")
+        qlora_quantization_config(families.family_by_model_type("llava"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
@@ -174,8 +174,8 @@ def test_qlora_base_keeps_its_unquantized_weights_in_the_configured_dtype(monkey
         return model
 
     monkeypatch.setattr(methods, "load_model", load_quantized)
-    monkeypatch.setattr(methods, "qlora_quantization_config", lambda model_type: None)  # it refuses to run without CUDA
-    monkeypatch.setattr(methods, "_model_type", lambda base: "llava")
+    monkeypatch.setattr(methods, "qlora_quantization_config", lambda family: None)  # it refuses to run without CUDA
+    monkeypatch.setattr(methods, "_family", lambda base: families.family_by_model_type("llava"))
     model = methods.load_base_for(None, TrainConfig(method="qlora", qlora_dtype=dtype))
     dense = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
     assert dense and {p.dtype for p in dense} == {getattr(torch, dtype)}
@@ -246,18 +246,33 @@ def test_cogvlm_lora_targets_both_experts_and_cogagents_cross_attention(model_ty
             *(f"mlp.{expert}.{proj}" for expert in ("language_mlp", "vision_mlp") for proj in ("gate_proj", "up_proj", "down_proj")),
             *(("cross_attn.query", "cross_attn.key_value", "cross_attn.dense") if model_type == "cogagent" else ()),
         )
+        # the last layer's vision expert after attention writes only to image positions, which no loss reads
+        if not (i == 1 and leaf in ("self_attn.vision_expert_dense", "mlp.vision_mlp.gate_proj", "mlp.vision_mlp.up_proj", "mlp.vision_mlp.down_proj"))
     }
     assert wrapped == expected  # never the EVA vision towers' query_key_value / dense, nor lm_head
     projector = [name for name, parameter in model.named_parameters() if "linear_proj" in name and parameter.requires_grad]
     assert projector and all("modules_to_save" in name for name in projector)
 
 
-def test_cogvlm_needs_the_opt_in_and_a_transformers_its_code_runs_on():
+def test_cogvlm_needs_the_opt_in_and_a_transformers_its_code_has_run_on(monkeypatch):
+    import transformers
+
+    cogvlm_family, cogagent_family = families.family_by_model_type("cogvlm"), families.family_by_model_type("cogagent")
     with pytest.raises(ValueError, match="trust_remote_code"):
-        families.check_remote_code_support("cogvlm", trust_remote_code=False)
-    with pytest.raises(RuntimeError, match=r"transformers>=4.35,<4.42"):
-        families.check_remote_code_support("cogagent", trust_remote_code=True)
-    families.check_remote_code_support("qwen2_vl", trust_remote_code=False)  # native families need neither
+        families.check_remote_code_support(cogvlm_family, trust_remote_code=False)
+    families.check_remote_code_support(cogagent_family, trust_remote_code=True)  # this environment's transformers
+    for outside in ("4.34.1", "5.25.0"):
+        monkeypatch.setattr(transformers, "__version__", outside)
+        with pytest.raises(RuntimeError, match=r"transformers>=4.35,<5.25"):
+            families.check_remote_code_support(cogagent_family, trust_remote_code=True)
+    families.check_remote_code_support(families.family_by_model_type("qwen2_vl"), trust_remote_code=False)  # native families need neither
+
+
+def test_remote_code_families_are_told_by_class_names():
+    assert families.family_for({"architectures": ["CogAgentForCausalLM"]}).name == "cogagent"
+    assert families.family_for({"auto_map": {"AutoModelForCausalLM": "modeling_cogvlm.CogVLMForCausalLM"}}).name == "cogvlm"
+    assert families.family_for({"model_type": "llava", "architectures": ["CogVLMForCausalLM"]}).name == "llava"  # model_type first
+    assert families.family_for({"architectures": ["SomethingElse"]}) is families.GENERIC
 
 
 @pytest.mark.parametrize("is_cogagent", [False, True])
@@ -272,9 +287,13 @@ def test_cogvlm_inputs_follow_its_remote_codes_layout(is_cogagent):
     prompt_text = tokenizer.decode(example["input_ids"][1 + vision_tokens : n_prompt])
     assert prompt_text == ("<EOI>" if is_cogagent else "") + "Question: what color? Short answer:"
     assert tokenizer.decode(example["labels"][n_prompt:]) == "red</s>" and set(example["labels"][:n_prompt]) == {IGNORE_INDEX}
-    rows = [{**example, "image": Image.new("RGB", (40, 30), (255, 0, 0))}, {**example, "input_ids": example["input_ids"][:-1], "token_type_ids": example["token_type_ids"][:-1], "labels": example["labels"][:-1], "image": Image.new("RGB", (30, 30))}]
-    batch = cogvlm.collate(rows, tokenizer.pad_token_id, image_size=28, cross_image_size=56 if is_cogagent else None)
+    processor = (cogvlm.CogAgentProcessor if is_cogagent else cogvlm.CogVLMProcessor)(
+        tokenizer, image_size=28, patch_size=14, cross_image_size=56 if is_cogagent else None
+    )
+    rows = [{**example, "image": Image.new("RGB", (40, 30), (255, 0, 0))}, {**example, "input_ids": example["input_ids"][:-1], "labels": example["labels"][:-1], "image": Image.new("RGB", (30, 30))}]
+    batch = TrainingCollator(processor)(rows)  # the pipeline's collator, through the processor stand-in
     assert batch["input_ids"].shape == batch["token_type_ids"].shape == batch["labels"].shape
+    assert batch["token_type_ids"][0].tolist() == example["token_type_ids"]
     assert batch["attention_mask"][1, -1] == 0 and batch["labels"][1, -1] == IGNORE_INDEX
     assert len(batch["images"]) == 2 and batch["images"][0][0].shape == (3, 28, 28)
     assert batch["images"][0][0][0].mean() > 1.5  # red channel, CLIP-normalised

@@ -1,7 +1,8 @@
-"""Batches: right-padded for training, left-padded prompts for generation; pixels made here, per batch.
+"""Batches: right-padded (or packed) for training, left-padded prompts for generation; pixels made here, per batch.
 
 Right padding keeps positions of real tokens at 0..n-1 in training; generation needs left padding
-so every row's next token is the last column (TRL #5785).
+so every row's next token is the last column (TRL #5785). `padding_free` packs a training batch
+into one row instead (vlmtune.packing).
 """
 
 from __future__ import annotations
@@ -12,17 +13,25 @@ import torch
 from PIL import Image
 
 from vlmtune import families
+from vlmtune.packing import pack_sequences
 from vlmtune.tokenization import IGNORE_INDEX
 
 
 class TrainingCollator:
-    """Rows of the tokenized dataset -> model inputs with labels; padding is masked out of the loss."""
+    """Rows of the tokenized dataset -> model inputs with labels; padding is masked out of the loss.
 
-    def __init__(self, processor):
+    With `padding_free` the rows come back as one packed row without padding (vlmtune.packing).
+    """
+
+    def __init__(self, processor, padding_free: bool = False):
         self.processor = processor
         self.pad_token_id = pad_token_id(processor)
+        self.padding_free = padding_free
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            packed = pack_sequences([row["input_ids"] for row in rows], [row["labels"] for row in rows], self.pad_token_id)
+            return {**packed, **pixel_inputs(self.processor.image_processor, rows)}
         longest = max(len(row["input_ids"]) for row in rows)
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
@@ -80,6 +89,8 @@ def token_type_inputs(processor, input_ids: torch.Tensor, prompt_lengths: list[i
             start = input_ids.shape[1] - n_prompt if left_padded else 0
             token_type_ids[i, start : start + n_prompt] = 0
         extra["token_type_ids"] = token_type_ids
+    if families.family_of_processor(processor).prompt_style == "cogvlm_vqa":  # CogVLM: 1 routes a token to the vision expert
+        extra["token_type_ids"] = processor.token_type_ids(input_ids, prompt_lengths, left_padded)
     if getattr(processor, "return_mm_token_type_ids", False):
         extra["mm_token_type_ids"] = torch.as_tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.long)
     return extra

@@ -242,7 +242,7 @@ def load_adapted_model(base: BaseModelRef, adapter_dir: Path, dtype: torch.dtype
 
         model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter_dir))
     else:
-        model = load_model(BaseModelRef(base.model_id, weights_dir=str(adapter_dir)), dtype=dtype)
+        model = load_model(BaseModelRef(base.model_id, trust_remote_code=base.trust_remote_code, weights_dir=str(adapter_dir)), dtype=dtype)
     return _on_device(model)
 
 

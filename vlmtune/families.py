@@ -20,11 +20,16 @@ from torch import nn
 PromptStyle = Literal["chat_template", "prefix_suffix", "cogvlm_vqa"]
 
 # CogVLM / CogAgent ship their modeling code on the Hub, written against transformers 4.35 (their model
-# cards pin torch 2.1.0 + transformers 4.35.0). From 4.42 generation breaks in
-# `_update_model_kwargs_for_generation` (`standardize_cache_format`, THUDM/CogVLM #517), and
-# transformers 5 removed the tuple KV cache and `_extract_past_from_model_output` they rely on.
-COGVLM_TRANSFORMERS = ">=4.35,<4.42"
-_COGVLM_EXPERTS = r"model\.layers\.\d+\.(self_attn\.(language|vision)_expert_(query_key_value|dense)|mlp\.(language|vision)_mlp\.(gate|up|down)_proj)"
+# cards pin torch 2.1.0 + transformers 4.35.0). From 4.42 their generation breaks (THUDM/CogVLM #517);
+# vlmtune.cogvlm_compat patches it. Their code has been run up to 5.24 (README, "CogVLM / CogAgent"):
+# a later transformers is refused until it has been run too.
+COGVLM_TRANSFORMERS = ">=4.35,<5.25"
+# The last layer's vision expert after attention (dense, MLP) writes only to image positions, which no
+# loss reads: LoRA there never trains (and `lora_really_trained` refuses it), so it is left out.
+_COGVLM_EXPERTS = (
+    r"model\.layers\.\d+\.(self_attn\.(language_expert_(query_key_value|dense)|vision_expert_query_key_value)|mlp\.language_mlp\.(gate|up|down)_proj)"
+    r"|model\.layers\.(?!{last_layer}\.)\d+\.(self_attn\.vision_expert_dense|mlp\.vision_mlp\.(gate|up|down)_proj)"
+)
 _COGAGENT_CROSS_ATTENTION = r"model\.layers\.\d+\.cross_attn\.(query|key_value|dense)"
 
 
@@ -38,6 +43,7 @@ class Family:
     prompt_style: PromptStyle = "chat_template"
     lora_targets: str | None = None  # explicit regex where get_decoder() is unavailable (remote code)
     remote_code: bool = False
+    class_prefix: str | None = None  # remote code: the configs have no model_type, their class names tell
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -54,21 +60,28 @@ FAMILIES: tuple[Family, ...] = (
     Family("paligemma", ("paligemma",), ("PaliGemmaProcessor",), ("vision_tower",), ("multi_modal_projector",), prompt_style="prefix_suffix"),
     Family("glm4v", ("glm4v",), ("Glm4vProcessor",), ("visual",), ("visual.merger", "visual.downsample")),
     Family(
-        "cogvlm", ("cogvlm",), vision_modules=("vision",), projector_modules=("vision.linear_proj",),
-        prompt_style="cogvlm_vqa", lora_targets=_COGVLM_EXPERTS, remote_code=True,
+        "cogvlm", ("cogvlm",), ("CogVLMProcessor",), vision_modules=("vision",), projector_modules=("vision.linear_proj",),
+        prompt_style="cogvlm_vqa", lora_targets=_COGVLM_EXPERTS, remote_code=True, class_prefix="CogVLM",
     ),
     Family(
-        "cogagent", ("cogagent",), vision_modules=("vision", "cross_vision"), projector_modules=("vision.linear_proj",),
-        prompt_style="cogvlm_vqa", lora_targets=f"{_COGVLM_EXPERTS}|{_COGAGENT_CROSS_ATTENTION}", remote_code=True,
+        "cogagent", ("cogagent",), ("CogAgentProcessor",), vision_modules=("vision", "cross_vision"), projector_modules=("vision.linear_proj",),
+        prompt_style="cogvlm_vqa", lora_targets=f"{_COGVLM_EXPERTS}|{_COGAGENT_CROSS_ATTENTION}", remote_code=True, class_prefix="CogAgent",
     ),
 )
 GENERIC = Family("generic", ())  # any other VLM: structure alone
 
 
 def family_for(model_or_config: Any) -> Family:
-    """The family of a model (or its config), by `model_type`; unknown types get the structural defaults."""
+    """The family of a model, its config or its config.json as a dict: by `model_type`, else (remote code,
+    whose configs have none) by the class names in `architectures` / `auto_map`; otherwise the structural defaults."""
     config = getattr(model_or_config, "config", model_or_config)
-    return family_by_model_type(getattr(config, "model_type", ""))
+    field = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    family = family_by_model_type(field("model_type") or "")
+    if family is not GENERIC:
+        return family
+    class_names = [type(model_or_config).__name__, type(config).__name__, *(field("architectures") or [])]
+    class_names += [reference.rsplit(".", 1)[-1] for reference in (field("auto_map") or {}).values() if isinstance(reference, str)]
+    return next((f for f in FAMILIES if f.class_prefix and any(name.startswith(f.class_prefix) for name in class_names)), GENERIC)
 
 
 def family_by_model_type(model_type: str) -> Family:
@@ -80,9 +93,8 @@ def family_of_processor(processor) -> Family:
     return next((family for family in FAMILIES if name in family.processor_classes), GENERIC)
 
 
-def check_remote_code_support(model_type: str, trust_remote_code: bool) -> None:
-    """Refuse a remote-code family without the opt-in, or under a transformers its code cannot run on."""
-    family = family_by_model_type(model_type)
+def check_remote_code_support(family: Family, trust_remote_code: bool) -> None:
+    """Refuse a remote-code family without the opt-in, or under a transformers its code has not been run on."""
     if not family.remote_code:
         return
     if not trust_remote_code:
@@ -92,10 +104,9 @@ def check_remote_code_support(model_type: str, trust_remote_code: bool) -> None:
 
     if transformers.__version__ not in SpecifierSet(COGVLM_TRANSFORMERS):
         raise RuntimeError(
-            f"{family.name}'s remote code needs transformers{COGVLM_TRANSFORMERS} (its model card pins 4.35.0); "
-            f"this environment has {transformers.__version__}. Train it in a separate environment "
-            f"(e.g. `uv venv cogvlm && uv pip install 'transformers==4.35.0' torch==2.1.0 peft accelerate einops xformers`); "
-            "see README, 'Supported models'."
+            f"{family.name}'s remote code has been run with transformers{COGVLM_TRANSFORMERS} (its model card pins 4.35.0, "
+            f"vlmtune.cogvlm_compat patches its generation from 4.42); this environment has {transformers.__version__}. "
+            "Install a transformers in that range (`pip install 'transformers==5.24.0'`); see README, 'CogVLM / CogAgent'."
         )
 
 
@@ -120,7 +131,7 @@ def lora_target_regex(model: nn.Module, include_vision: bool = False) -> str:
     """
     family = family_for(model)
     if family.lora_targets:
-        language = family.lora_targets
+        language = family.lora_targets.replace("{last_layer}", str(_last_decoder_layer(model)))
     else:
         language = _linear_layers_under(model, language_model_prefix(model))
     if not include_vision:
@@ -131,6 +142,10 @@ def lora_target_regex(model: nn.Module, include_vision: bool = False) -> str:
         for name in vision_module_names(model)
     ]
     return "|".join([f"(?:{language})", *(f"(?:{regex})" for regex in vision if regex)])
+
+
+def _last_decoder_layer(model: nn.Module) -> int:
+    return max((int(found.group(1)) for name, _ in model.named_modules() if (found := re.fullmatch(r"model\.layers\.(\d+)", name))), default=-1)
 
 
 def _linear_layers_under(model: nn.Module, prefix: str, exclude: set[str] = frozenset()) -> str:
@@ -165,10 +180,9 @@ def projector_module_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.rsplit(".", 1)[-1].endswith("projector")})
 
 
-def quantization_skip_modules(model_type: str) -> list[str]:
+def quantization_skip_modules(family: Family) -> list[str]:
     """Modules kept out of 4-bit: the vision tower (its features feed every answer), the projector
     (trained in full when asked, which a 4-bit weight cannot be) and lm_head."""
-    family = family_by_model_type(model_type)
     return [*family.vision_modules, *family.projector_modules, "lm_head"]
 
 

@@ -29,7 +29,7 @@ def greedy_answers(model, processor, rows: datasets.Dataset | list[dict[str, Any
     hit_limit: list[bool] = [False] * len(order)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        inputs = {key: value.to(device) for key, value in generation_batch(processor, _rows(rows, indices)).items()}
+        inputs = {key: _on(device, value) for key, value in generation_batch(processor, _rows(rows, indices)).items()}
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -55,7 +55,7 @@ def teacher_forced_logits(model, processor, rows: datasets.Dataset | list[dict[s
     batch = TrainingCollator(processor)(_rows(rows, range(len(rows))))
     labels = batch.pop("labels")
     device = next(model.parameters()).device
-    logits = model(**{key: value.to(device) for key, value in batch.items()}).logits.float().cpu()
+    logits = model(**{key: _on(device, value) for key, value in batch.items()}).logits.float().cpu()
     return logits, labels
 
 
@@ -69,6 +69,11 @@ def answer_losses(model, processor, rows: datasets.Dataset, batch_size: int) -> 
         counted = (targets != -100).sum(dim=1).clamp(min=1)
         losses += (token_loss.sum(dim=1) / counted).tolist()
     return losses
+
+
+def _on(device: torch.device, value):
+    """A tensor, or CogVLM's per-sample lists of image tensors, on `device`."""
+    return [_on(device, item) for item in value] if isinstance(value, list) else value.to(device)
 
 
 def _rows(rows, indices) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from vlmtune.config import MergeConfig, as_dict
 from vlmtune.evaluate import load_adapted_model
 from vlmtune.generate import greedy_answers, teacher_forced_logits
 from vlmtune.model_card import write_model_card
-from vlmtune.models import BaseModelRef, load_processor
+from vlmtune.models import BaseModelRef, load_model, load_processor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest |logit| difference accepted between merged and base + adapter: float rounding of the merged weights.
@@ -62,7 +62,7 @@ def merge_adapter(
     source_dir = base_dir if is_adapter else adapter_dir
     written = merge_checkpoint(source_dir, adapter_dir if is_adapter else None, out_dir, dtype, config.max_shard_size_mb)
     processor = load_processor(adapter_dir)
-    _write_configs(source_dir, out_dir, dtype, processor)
+    _write_configs(source_dir, out_dir, dtype, processor, base.trust_remote_code)
     processor.save_pretrained(str(out_dir))
     (out_dir / "merge_config.json").write_text(json.dumps(as_dict(config) | {"resolved_dtype": str(dtype).removeprefix("torch.")}, indent=2))
     write_model_card(out_dir, base, base_dir, adapter_dir, evaluation or {}, drops or [], str(dtype).removeprefix("torch."))
@@ -212,7 +212,7 @@ def check_equivalence(base: BaseModelRef, adapter_dir: Path, merged_dir: Path, p
     reference_logits, labels = teacher_forced_logits(adapted, processor, rows)
     reference_answers, _ = greedy_answers(adapted, processor, rows, batch_size=len(rows), max_new_tokens=16)
     del adapted
-    merged = load_standalone(merged_dir, dtype)
+    merged = load_standalone(merged_dir, dtype, base.trust_remote_code)
     merged_logits, _ = teacher_forced_logits(merged, processor, rows)
     merged_answers, _ = greedy_answers(merged, processor, rows, batch_size=len(rows), max_new_tokens=16)
     real_tokens = _real_tokens(rows, labels.shape)
@@ -226,10 +226,17 @@ def check_equivalence(base: BaseModelRef, adapter_dir: Path, merged_dir: Path, p
     }
 
 
-def load_standalone(path: Path, dtype: torch.dtype = torch.float32):
-    """Load exactly as a user would: transformers only, nothing fetched, no project code."""
+def load_standalone(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load exactly as a user would: transformers only, nothing fetched, no project code.
+
+    A remote-code model (CogVLM) loads as a user of this transformers must load it: with its own
+    code, patched by vlmtune.cogvlm_compat (`vlmtune.models.load_model`).
+    """
     from transformers import AutoModelForImageTextToText
 
+    if trust_remote_code:
+        model = load_model(BaseModelRef(str(path), trust_remote_code=True, weights_dir=str(path)), dtype)
+        return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
@@ -287,13 +294,19 @@ def _name_shards(out_dir: Path, shard_keys: list[list[str]]) -> list[str]:
     return names
 
 
-def _write_configs(source_dir: Path, out_dir: Path, dtype: torch.dtype, processor) -> None:
-    """config.json with the merged dtype, and the base's generation config (or one made from the model config)."""
+def _write_configs(source_dir: Path, out_dir: Path, dtype: torch.dtype, processor, trust_remote_code: bool = False) -> None:
+    """config.json with the merged dtype, and the base's generation config (or one made from the model config).
+
+    A remote-code model's Python files (CogVLM's) are copied too: its merged folder loads from them.
+    """
     from transformers import AutoConfig, GenerationConfig
 
-    config = AutoConfig.from_pretrained(str(source_dir), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(source_dir), local_files_only=True, trust_remote_code=trust_remote_code)
     config.dtype = dtype
     config.save_pretrained(str(out_dir))
+    if trust_remote_code:
+        for code in source_dir.glob("*.py"):
+            shutil.copy(code, out_dir / code.name)
     if (source_dir / "generation_config.json").is_file():
         shutil.copy(source_dir / "generation_config.json", out_dir / "generation_config.json")
         return

@@ -8,7 +8,9 @@ language model's linear layers in 4-bit NF4 with double quantization and compute
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,10 +33,20 @@ def load_base_for(base: BaseModelRef, config: TrainConfig) -> nn.Module:
     if config.method == "qlora":
         from vlmtune.speed.qlora import cast_non_quantized
 
-        model = load_model(base, dtype=torch.bfloat16, quantization_config=qlora_quantization_config(_model_type(base)))
+        model = load_model(base, dtype=torch.bfloat16, quantization_config=qlora_quantization_config(_family(base)))
         cast_non_quantized(model, getattr(torch, config.qlora_dtype))  # fp32: the stock recipe's numerics
         return model
     return load_model(base, dtype=base_dtype())
+
+
+def checkpointing_the_model_supports(model: nn.Module, config: TrainConfig, log: Callable[[str], None]) -> TrainConfig:
+    """`config` with gradient checkpointing turned off, and said so, for a model class that refuses it
+    (CogVLM's and CogAgent's remote code: `supports_gradient_checkpointing = False`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not config.gradient_checkpointing or getattr(base, "supports_gradient_checkpointing", True):
+        return config
+    log(f"gradient checkpointing off: {type(base).__name__} does not support it (supports_gradient_checkpointing = False)")
+    return dataclasses.replace(config, gradient_checkpointing=False)
 
 
 def base_dtype() -> torch.dtype:
@@ -72,7 +84,7 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     return get_peft_model(model, lora_config)
 
 
-def qlora_quantization_config(model_type: str):
+def qlora_quantization_config(family: families.Family):
     """NF4 + double quantization, bf16 compute; the vision tower, projector and lm_head are not quantized.
 
     What PEFT's `prepare_model_for_kbit_training` does besides is done here instead: the weights
@@ -91,12 +103,13 @@ def qlora_quantization_config(model_type: str):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=families.quantization_skip_modules(model_type),
+        llm_int8_skip_modules=families.quantization_skip_modules(family),
     )
 
 
-def _model_type(base: BaseModelRef) -> str:
-    from transformers import AutoConfig
+def _family(base: BaseModelRef) -> families.Family:
+    """From config.json alone: remote-code configs (CogVLM) have no model_type, their class names tell."""
+    from transformers import PretrainedConfig
 
     revision = None if base.weights_dir else base.revision
-    return AutoConfig.from_pretrained(base.load_path, revision=revision, trust_remote_code=base.trust_remote_code).model_type
+    return families.family_for(PretrainedConfig.get_config_dict(base.load_path, revision=revision)[0])

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmtune import families
 from vlmtune.config import TINY_MODEL_ID, TinyModelConfig
 from vlmtune.conv_stem_vision import ConvStemVisionConfig  # registers the tiny default's vision tower with the Auto classes
-from vlmtune.families import check_remote_code_support
 
 IMAGE_TOKEN = "<image>"
 # The tiny model's conversation format, kept short because every byte is a token.
@@ -59,27 +59,44 @@ def is_tiny_default(model_id: str) -> bool:
 
 
 def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, quantization_config=None) -> nn.Module:
-    """The base model; remote-code families (CogVLM, CogAgent) only when `ref.trust_remote_code` is set."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    """The base model; remote-code families (CogVLM, CogAgent) only when `ref.trust_remote_code` is set, and
+    patched for the installed transformers (`vlmtune.cogvlm_compat`; the shims applied are in `model.vlmtune_shims`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
     revision = None if ref.weights_dir else ref.revision
+    # config.json is read before any of its code runs, so a remote-code family is refused with our reason, not transformers'
+    family = families.family_for(PretrainedConfig.get_config_dict(ref.load_path, revision=revision)[0])
+    families.check_remote_code_support(family, ref.trust_remote_code)
+    shims = []
+    if family.remote_code:
+        from vlmtune import cogvlm_compat
+
+        shims += [cogvlm_compat.XFORMERS_FALLBACK] if cogvlm_compat.install_xformers_fallback() else []
     config = AutoConfig.from_pretrained(ref.load_path, revision=revision, trust_remote_code=ref.trust_remote_code)
-    check_remote_code_support(config.model_type, ref.trust_remote_code)
     # CogVLM's remote code registers itself only as a causal LM (its `auto_map` has no image-text-to-text entry).
     auto_map = getattr(config, "auto_map", None) or {}
     auto_class = AutoModelForCausalLM if "AutoModelForCausalLM" in auto_map and "AutoModelForImageTextToText" not in auto_map else AutoModelForImageTextToText
-    return auto_class.from_pretrained(
+    model = auto_class.from_pretrained(
         ref.load_path,
         revision=revision,
         trust_remote_code=ref.trust_remote_code,
         dtype=dtype,
         quantization_config=quantization_config,
     )
+    if family.remote_code:
+        model.vlmtune_shims = shims + cogvlm_compat.patch_generation(model) + cogvlm_compat.cast_images_for_vision_towers(model, family.vision_modules)
+    return model
 
 
 def load_processor(path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's processor; for CogVLM / CogAgent, which have none, vlmtune.cogvlm's stand-in."""
     from transformers import AutoProcessor
 
+    from vlmtune import cogvlm
+
+    cogvlm_processor = cogvlm.load_processor(path, revision=revision)
+    if cogvlm_processor is not None:
+        return cogvlm_processor
     return AutoProcessor.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code)
 
 

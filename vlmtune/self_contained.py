@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmtune import cogvlm
 from vlmtune.pinning import PinMismatch, check_pins
 
 
@@ -24,7 +25,8 @@ def self_contained_problems(merged_dir: Path, expected_pins: dict[str, str]) -> 
     if not (merged_dir / "generation_config.json").is_file():
         problems.append("no generation_config.json: generation would not know when to stop")
     try:
-        processor = AutoProcessor.from_pretrained(str(merged_dir), local_files_only=True)
+        # CogVLM / CogAgent have no processor class: their tokenizer and config.json's image sizes, as vlmtune.cogvlm reads them
+        processor = cogvlm.load_processor(merged_dir) or AutoProcessor.from_pretrained(str(merged_dir), local_files_only=True)
     except Exception as error:  # whatever transformers raises for a missing or broken processor
         return [*problems, f"the processor does not load: {type(error).__name__}: {str(error)[:200]}"]
     try:

@@ -196,6 +196,8 @@ def encode_batch(processor, questions: list[str], answers: list[str], images: li
     The end-of-turn token is the one the family's template closes an answer with (Qwen2-VL's
     `<|im_end|>`, Idefics3's `<end_of_utterance>`), else EOS; exactly one is kept in the labels.
     """
+    if families.family_of_processor(processor).prompt_style == "cogvlm_vqa":  # no processor of their own: vlmtune.cogvlm's
+        return [processor.encode(question, answer) for question, answer in zip(questions, answers)]
     tokenizer = processor.tokenizer
     answer_format = families.answer_format(processor)
     end_token_id = tokenizer.convert_tokens_to_ids(answer_format.end_token)

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,13 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 
 from vlmtune.collate import TrainingCollator
 from vlmtune.config import TrainConfig, as_dict
-from vlmtune.methods import load_base_for, load_for_training
+from vlmtune.methods import checkpointing_the_model_supports, load_base_for, load_for_training
 from vlmtune.models import BaseModelRef, load_processor, parameter_counts
-from vlmtune.speed.answer_loss import answer_loss
+from vlmtune.packing import check_packable
 from vlmtune.provenance import provenance
+from vlmtune.speed.answer_loss import answer_loss
 from vlmtune.speed.levers import apply_speed_levers
+from vlmtune.speed.varlen_attention import packed_attention
 from vlmtune.tracking import TENSORBOARD_DIR, ManifestToTrackers, report_to
 
 Log = Callable[[str], None]
@@ -58,9 +61,10 @@ def train_adapter(
         log(f"warm start from the adapter in {warm_start_dir}")
     else:
         model = load_for_training(base, config)
+    config = checkpointing_the_model_supports(model, config, log)
     levers = apply_speed_levers(model, config)
     run_manifest = {**(manifest or {}), "config": as_dict(config), "base_model": base.to_dict(), **provenance()}
-    summary = {**fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log, run_manifest), "speed_levers": levers}
+    summary = {**fit(model, processor, splits["train"], splits["validation"], config, checkpoint_dir, log, run_manifest), "speed_levers": levers, "gradient_checkpointing": config.gradient_checkpointing}
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
     (Path(out_dir) / "train_config.json").write_text(json.dumps(as_dict(config), indent=2))
@@ -99,6 +103,8 @@ def fit(
     """
     if len(train_set) == 0:
         raise ValueError("the training split is empty: no drop contributed train samples")
+    if config.padding_free:
+        check_packable(model)
     if config.max_train_samples is not None and isinstance(train_set, datasets.Dataset):
         train_set = train_set.shuffle(seed=config.seed).select(range(min(config.max_train_samples, train_set.num_rows)))
     eval_set = eval_set.shuffle(seed=config.seed).select(range(min(config.max_eval_samples, eval_set.num_rows)))
@@ -148,7 +154,7 @@ def fit(
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set if has_eval else None,
-        data_collator=TrainingCollator(processor),
+        data_collator=TrainingCollator(processor, padding_free=config.padding_free),
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLog reports instead, to the caller's log
@@ -157,7 +163,8 @@ def fit(
     if last_checkpoint:
         log(f"resuming from {last_checkpoint} (step {resumed_from})")
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    with packed_attention(model) if config.padding_free else nullcontext():
+        result = trainer.train(resume_from_checkpoint=last_checkpoint)
     seconds = time.time() - started
     trainable, total = parameter_counts(model)
     history = trainer.state.log_history

@@ -23,7 +23,7 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: 
     """Mean next-token cross-entropy over the labelled positions of `batch` (a collator's output)."""
     backbone, head = backbone_and_head(model)
     labels = batch["labels"]
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "use_cache")}
     hidden = backbone(**inputs, use_cache=False, return_dict=True).last_hidden_state
     targets = labels[:, 1:]
     positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
