@@ -35,14 +35,14 @@ def varlen_attention_forward(
     """transformers' attention signature: (batch, heads, tokens, dim) in, (batch, tokens, heads, dim) out."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if cu_seq_lens_q is None or not query.is_cuda or _varlen_attn() is None or dropout > 0 or query.shape[0] != 1:
+    if cu_seq_lens_q is None or not query.is_cuda or VARLEN_ATTN is None or dropout > 0 or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     heads, dim = query.shape[1], query.shape[3]
     groups = heads // key.shape[1]
     # (1, heads, tokens, dim) -> (tokens, heads, dim), the varlen layout
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, repeat_kv(key, groups), repeat_kv(value, groups)))
     cu_seq_lens = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
-    out = _varlen_attn()(q, k, v, cu_seq_lens, cu_seq_lens, int(max_length_q), int(max_length_q), scale=scaling, **_CAUSAL)
+    out = VARLEN_ATTN(q, k, v, cu_seq_lens, cu_seq_lens, int(max_length_q), int(max_length_q), scale=scaling, **_CAUSAL)
     return out.view(1, -1, heads, dim), None
 
 
@@ -74,11 +74,11 @@ def packed_attention(model: nn.Module) -> Iterator[None]:
 def _varlen_attn():
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    except ImportError:  # torch < 2.9
         return None
     return varlen_attn
 
 
+VARLEN_ATTN = _varlen_attn()
 # torch 2.9-2.10 take `is_causal`; later releases express causality as a (-1, 0) window
-_PARAMETERS = inspect.signature(_varlen_attn()).parameters if _varlen_attn() else {}
-_CAUSAL = {"is_causal": True} if "is_causal" in _PARAMETERS else {"window_size": (-1, 0)}
+_CAUSAL = {"is_causal": True} if VARLEN_ATTN and "is_causal" in inspect.signature(VARLEN_ATTN).parameters else {"window_size": (-1, 0)}
