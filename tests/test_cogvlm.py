@@ -107,7 +107,7 @@ def test_qlora_keeps_their_vision_towers_out_of_4bit(trained):
     from vlmtune import methods
 
     variant, _, base, _, _ = trained
-    family = methods._family(base)  # what load_base_for quantizes by, read from config.json alone
+    family = methods.base_family(base)  # what load_base_for quantizes by, read from config.json alone
     assert family.name == variant
     skipped = families.quantization_skip_modules(family)
     assert {"vision", "lm_head"} <= set(skipped) and ("cross_vision" in skipped) == (variant == "cogagent")

@@ -175,7 +175,7 @@ def test_qlora_base_keeps_its_unquantized_weights_in_the_configured_dtype(monkey
 
     monkeypatch.setattr(methods, "load_model", load_quantized)
     monkeypatch.setattr(methods, "qlora_quantization_config", lambda family: None)  # it refuses to run without CUDA
-    monkeypatch.setattr(methods, "_family", lambda base: families.family_by_model_type("llava"))
+    monkeypatch.setattr(methods, "base_family", lambda base: families.family_by_model_type("llava"))
     model = methods.load_base_for(None, TrainConfig(method="qlora", qlora_dtype=dtype))
     dense = [p for p in model.parameters() if p.__class__.__name__ != "Params4bit"]
     assert dense and {p.dtype for p in dense} == {getattr(torch, dtype)}

@@ -17,7 +17,7 @@ from torch import nn
 
 from vlmtune import families
 from vlmtune.config import TrainConfig
-from vlmtune.models import BaseModelRef, load_model
+from vlmtune.models import BaseModelRef, base_family, load_model
 
 
 def load_for_training(base: BaseModelRef, config: TrainConfig) -> nn.Module:
@@ -33,7 +33,7 @@ def load_base_for(base: BaseModelRef, config: TrainConfig) -> nn.Module:
     if config.method == "qlora":
         from vlmtune.speed.qlora import cast_non_quantized
 
-        model = load_model(base, dtype=torch.bfloat16, quantization_config=qlora_quantization_config(_family(base)))
+        model = load_model(base, dtype=torch.bfloat16, quantization_config=qlora_quantization_config(base_family(base)))
         cast_non_quantized(model, getattr(torch, config.qlora_dtype))  # fp32: the stock recipe's numerics
         return model
     return load_model(base, dtype=base_dtype())
@@ -105,11 +105,3 @@ def qlora_quantization_config(family: families.Family):
         bnb_4bit_compute_dtype=torch.bfloat16,
         llm_int8_skip_modules=families.quantization_skip_modules(family),
     )
-
-
-def _family(base: BaseModelRef) -> families.Family:
-    """From config.json alone: remote-code configs (CogVLM) have no model_type, their class names tell."""
-    from transformers import PretrainedConfig
-
-    revision = None if base.weights_dir else base.revision
-    return families.family_for(PretrainedConfig.get_config_dict(base.load_path, revision=revision)[0])

@@ -61,11 +61,11 @@ def is_tiny_default(model_id: str) -> bool:
 def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, quantization_config=None) -> nn.Module:
     """The base model; remote-code families (CogVLM, CogAgent) only when `ref.trust_remote_code` is set, and
     patched for the installed transformers (`vlmtune.cogvlm_compat`; the shims applied are in `model.vlmtune_shims`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     revision = None if ref.weights_dir else ref.revision
     # config.json is read before any of its code runs, so a remote-code family is refused with our reason, not transformers'
-    family = families.family_for(PretrainedConfig.get_config_dict(ref.load_path, revision=revision)[0])
+    family = base_family(ref)
     families.check_remote_code_support(family, ref.trust_remote_code)
     shims = []
     if family.remote_code:
@@ -86,6 +86,14 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, quantizati
     if family.remote_code:
         model.vlmtune_shims = shims + cogvlm_compat.patch_generation(model) + cogvlm_compat.cast_images_for_vision_towers(model, family.vision_modules)
     return model
+
+
+def base_family(ref: BaseModelRef) -> families.Family:
+    """The family from config.json alone, none of its code run: remote-code configs (CogVLM) have no model_type, their class names tell."""
+    from transformers import PretrainedConfig
+
+    revision = None if ref.weights_dir else ref.revision
+    return families.family_for(PretrainedConfig.get_config_dict(ref.load_path, revision=revision)[0])
 
 
 def load_processor(path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
