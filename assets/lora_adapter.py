@@ -30,6 +30,7 @@ class TrainOverrides(dg.Config):
     fused_lora: bool | None = None
     fuse_shared_inputs: bool | None = None  # with fused_lora: q/k/v and gate/up as one fused call each
     compile: bool | None = None  # torch.compile the decoder layers (GPU)
+    vision_cuda_graphs: bool | None = None  # replay the frozen vision tower from CUDA graphs (GPU, fixed-resolution towers)
     padding_free: bool | None = None  # pack each batch into one row without padding (LLaVA / Idefics3 / SmolVLM families)
     fp8_base: str | None = None  # "off", "backward" (grad-input only, bf16 loss), "all" or "mlp" (GPU with compute capability >= 8.9)
     learning_rate: float | None = None

@@ -48,6 +48,7 @@ from vlmtune.speed.lora_inputs import keep_lora_inputs_bf16  # noqa: E402
 from vlmtune.packing import pack_sequences  # noqa: E402
 from vlmtune.speed import varlen_attention  # noqa: E402
 from vlmtune.speed.qlora import bitsandbytes_available, prepare_qlora, quantize_to_nf4  # noqa: E402
+from vlmtune.speed.vision_graphs import graph_frozen_vision_towers  # noqa: E402
 
 IGNORE_INDEX = -100
 MATMUL_CEILING_TFLOPS = 798.0  # bf16 8192^3 matmul measured on this workplace's H100 (KINDS.md)
@@ -82,6 +83,7 @@ class Variant:
     use_dora: bool = False
     use_rslora: bool = False
     padding_free: bool = False  # the batch packed into one row, attention per sample (vlmtune.speed.varlen_attention)
+    vision_graphs: bool = False  # the frozen vision tower replayed from a CUDA graph (vlmtune.speed.vision_graphs)
 
 
 OURS = dict(answer_loss=True, fused_adamw=True, bf16_lora_inputs=True, fused_lora=True)
@@ -150,10 +152,21 @@ VARIANTS: dict[str, Variant] = {
     "ours_fp8bwd_compile_packed": Variant(
         "ours bf16 fwd / fp8 grad-in + compiled, padding-free", fp8=True, fp8_forward="bf16", compile=True, padding_free=True, **OURS
     ),
+    "ours_fp8bwd_compile_packed_graphs": Variant(
+        "ours bf16 fwd / fp8 grad-in + compiled, padding-free, vision as a CUDA graph", fp8=True, fp8_forward="bf16", compile=True,
+        padding_free=True, vision_graphs=True, **OURS
+    ),
     "ours_bf16_compile_packed": Variant("ours bf16 + compiled, padding-free", compile=True, padding_free=True, **OURS),
     "stock_packed": Variant("stock + padding-free batches", padding_free=True),
     "ours_fp8bwd_compile_vision": Variant(
         "ours bf16 fwd / fp8 grad-in + compiled, vision too", fp8=True, fp8_forward="bf16", compile=True, compile_vision=True, **OURS
+    ),
+    "ours_fp8bwd_compile_graphs": Variant(
+        "ours bf16 fwd / fp8 grad-in + compiled, vision as a CUDA graph", fp8=True, fp8_forward="bf16", compile=True, vision_graphs=True, **OURS
+    ),
+    "ours_fp8bwd_compile_vision_graphs": Variant(
+        "ours bf16 fwd / fp8 grad-in + compiled, vision compiled + CUDA graph", fp8=True, fp8_forward="bf16", compile=True,
+        compile_vision=True, vision_graphs=True, **OURS
     ),
 }
 DEFAULT_VARIANTS = (
@@ -577,6 +590,8 @@ def build_training(variant: Variant, shape: Shape, device: torch.device, lr: flo
         fuse_lora_linears(model, share_inputs=variant.share_inputs, low_rank_kernel=variant.low_rank_kernel)
     if variant.compile:
         compile_decoder_layers(model, mode=variant.compile_mode, vision=variant.compile_vision)
+    if variant.vision_graphs and device.type == "cuda":
+        graph_frozen_vision_towers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=variant.fused_adamw and device.type == "cuda")
     model.train()

@@ -6,6 +6,7 @@ itself is not here. Each variant is built once: random weights from the fixture'
 VQA dataset whose answer is the image's colour, and an adapter trained by `train_adapter`.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from conftest import png_bytes
+from tests_support import assert_4bit_skips_exactly
 from vlmtune import cogvlm_compat, families
 from vlmtune.config import MergeConfig, TrainConfig
 from vlmtune.evaluate import load_adapted_model
@@ -75,18 +77,38 @@ def colour_rows(processor, n: int, split: str) -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module", params=["cogvlm", "cogagent"])
-def trained(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    folder = build_base(root, request.param)
-    base = BaseModelRef(str(folder), revision="local", trust_remote_code=True)
+def base_and_data(root: Path, variant: str) -> BaseModelRef:
+    """The variant's base under `root`, with its processor and colour dataset saved beside it."""
+    folder = build_base(root, variant)
     processor = load_processor(folder)
     processor.save_pretrained(root / "processor")
     splits = {split: dataset_from_rows(colour_rows(processor, n, split)) for split, n in (("train", 16), ("validation", 4), ("test", 4))}
     datasets.DatasetDict(splits).save_to_disk(str(root / "dataset"))
+    return BaseModelRef(str(folder), revision="local", trust_remote_code=True)
+
+
+@pytest.fixture(scope="module", params=["cogvlm", "cogagent"])
+def trained(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    base = base_and_data(root, request.param)
     logs = []
     summary = train_adapter(base, root / "processor", root / "dataset", root / "adapter", TRAINING, root / "checkpoints", log=logs.append)
     return request.param, root, base, summary, logs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA (and bitsandbytes)")
+@pytest.mark.parametrize("variant", ["cogvlm", "cogagent"])
+def test_qlora_trains_them_with_their_vision_towers_kept_out_of_4bit(tmp_path, variant):
+    pytest.importorskip("bitsandbytes")
+    base = base_and_data(tmp_path, variant)
+    config = dataclasses.replace(TRAINING, method="qlora")
+    model = load_for_training(base, config)
+    quantized = {name for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"}
+    assert quantized and not any({"vision", "cross_vision", "lm_head"} & set(name.split(".")) for name in quantized), sorted(quantized)
+    del model
+    summary = train_adapter(base, tmp_path / "processor", tmp_path / "dataset", tmp_path / "adapter", config, tmp_path / "checkpoints")
+    assert summary["steps"] == config.max_steps
+    assert summary["train_loss_last"] < 0.5 * summary["train_loss_first"], summary
 
 
 def test_without_the_opt_in_it_is_refused(tmp_path):
@@ -111,16 +133,34 @@ def test_qlora_keeps_their_vision_towers_out_of_4bit(trained):
     assert family.name == variant
     skipped = families.quantization_skip_modules(family)
     assert {"vision", "lm_head"} <= set(skipped) and ("cross_vision" in skipped) == (variant == "cogagent")
+    assert_4bit_skips_exactly(load_model(base), skipped, kept_out=("vision", "cross_vision", "lm_head"))
 
 
 def test_loading_patches_their_generation_for_this_transformers(trained):
     _, _, base, _, _ = trained
     model = load_model(base)
-    generation_shims = [cogvlm_compat.EXTRACT_PAST, cogvlm_compat.UPDATE_MODEL_KWARGS, cogvlm_compat.TOKEN_TYPE_POSITIONS]
-    assert model.vlmtune_shims[0] == cogvlm_compat.XFORMERS_FALLBACK and model.vlmtune_shims[-4:-1] == generation_shims
+    generation_shims = [
+        cogvlm_compat.EXTRACT_PAST, cogvlm_compat.UPDATE_MODEL_KWARGS, cogvlm_compat.TOKEN_TYPE_POSITIONS, cogvlm_compat.EMPTY_CACHE_AS_NONE,
+    ]
+    assert model.vlmtune_shims[0] == cogvlm_compat.XFORMERS_FALLBACK and model.vlmtune_shims[-5:-1] == generation_shims
     assert model.vlmtune_shims[-1] == cogvlm_compat.IMAGES_IN_MODEL_DTYPE
     assert hasattr(model, "generate")  # transformers 5.24 leaves it out on a second load of the class (GENERATION_MIXIN)
     assert cogvlm_compat.patch_generation(model) == generation_shims  # idempotent
+
+
+def test_an_empty_cache_object_reaches_their_code_as_none(trained):
+    """transformers 5.17's generate hands the prompt step an empty DynamicCache as `past_key_values`."""
+    from transformers import DynamicCache
+
+    _, _, base, _, _ = trained
+    model = load_model(base)
+    ids = torch.tensor([[1, 5, 6]])
+    inputs = model.prepare_inputs_for_generation(ids, token_type_ids=torch.zeros_like(ids), past_key_values=DynamicCache())
+    assert inputs["past_key_values"] is None and inputs["input_ids"].shape == (1, 3)  # the whole prompt, not its last token
+    filled = DynamicCache()
+    filled.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+    with pytest.raises(TypeError, match="tuples"):
+        model.prepare_inputs_for_generation(ids, token_type_ids=torch.zeros_like(ids), past_key_values=filled)
 
 
 def test_float32_images_reach_a_bf16_model_in_its_dtype(trained):
@@ -218,7 +258,9 @@ def test_cached_generation_matches_full_forward_passes(trained):
     rows = list(datasets.load_from_disk(str(root / "dataset"))["test"].select(range(2)))
     rows[1] = {**rows[1], "input_ids": rows[1]["input_ids"][1:], "prompt_length": rows[1]["prompt_length"] - 1}  # ragged: left padding
     rows[1]["input_ids"] = [processor.tokenizer.bos_token_id] + rows[1]["input_ids"]  # keeps BOS first, one prompt token shorter
-    inputs = generation_batch(processor, rows)
+    device = next(model.parameters()).device
+    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else [[image.to(device) for image in sample] for sample in value]
+              for key, value in generation_batch(processor, rows).items()}
     with torch.inference_mode():
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
         sequences, token_types, mask = inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"]

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests_support import assert_4bit_skips_exactly
 from tiny_families import FAMILIES, HIDDEN
 from vlmtune import cogvlm, families
 from vlmtune.collate import TrainingCollator
@@ -152,6 +153,12 @@ def test_qlora_is_nf4_double_quantized_bf16_compute_and_keeps_vision_and_project
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
     assert {"visual", "visual.merger", "lm_head"} <= set(config.llm_int8_skip_modules)
+
+
+def test_4bit_skip_modules_keep_the_vision_tower_projector_and_lm_head_out(family):
+    spec, model, _, _ = family
+    kind = families.family_for(model)
+    assert_4bit_skips_exactly(model, families.quantization_skip_modules(kind), (*kind.vision_modules, *kind.projector_modules, "lm_head"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

@@ -118,3 +118,22 @@ def test_changing_a_training_setting_retrains_without_retokenizing(smoke_run):
     report = latest(instance, "evaluation_report")
     assert report["cached"].value is False
     assert 0 <= report["previous_adapter_accuracy"].value <= 1, "the 200-step adapter is scored as the previous version"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs a CUDA GPU (bitsandbytes 4-bit training)")
+def test_qlora_trains_and_is_evaluated_through_the_pipeline(smoke_run):
+    pytest.importorskip("bitsandbytes")
+    _, instance = smoke_run
+    defs = build_definitions(profile="smoke")
+    result = defs.resolve_job_def("train_and_ship").execute_in_process(
+        instance=instance, run_config={"ops": {"lora_adapter": {"config": {"method": "qlora", "max_steps": 250}}}}, raise_on_error=False
+    )
+    adapter = latest(instance, "lora_adapter")
+    assert adapter["cached"].value is False
+    config = json.loads((Path(adapter["path"].value) / "train_config.json").read_text())
+    assert config["method"] == "qlora" and config["qlora_dtype"] == "float32"
+    report = latest(instance, "evaluation_report")
+    assert report["cached"].value is False  # the QLoRA adapter was scored, not the earlier one
+    print(f"QLoRA smoke: accuracy {report['accuracy'].value:.3f}, blind {report['blind_accuracy'].value:.3f}, "
+          f"majority {report['majority_accuracy'].value:.3f}, run success {result.success}")
+    assert report["accuracy"].value > report["majority_accuracy"].value

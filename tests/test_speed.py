@@ -71,6 +71,71 @@ def test_answer_loss_gradients_match(tiny_vlm):
             assert relative_error(param.grad, expected[name]) < 1e-4, name
 
 
+def test_frozen_vision_tower_is_wrapped_for_cuda_graphs(tiny_vlm):
+    from vlmtune.speed.vision_graphs import FrozenForwardGraphs, graph_frozen_vision_towers
+
+    model, processor = tiny_vlm
+    model = copy.deepcopy(model)
+    batch = vqa_batch(model, processor, seed=3)
+    expected = model(**batch).loss
+    model.requires_grad_(False)
+    assert graph_frozen_vision_towers(model) == 1
+    assert isinstance(model.model.vision_tower.forward, FrozenForwardGraphs)
+    assert graph_frozen_vision_towers(model) == 0  # once
+    assert torch.equal(model(**batch).loss, expected)  # off CUDA the tower runs eagerly, unchanged
+    from vlmtune.speed.vision_graphs import _checkpointing_off
+
+    checkpointed = copy.deepcopy(tiny_vlm[0])
+    checkpointed.gradient_checkpointing_enable()
+    flags = lambda: [m.gradient_checkpointing for m in checkpointed.model.vision_tower.modules() if hasattr(m, "gradient_checkpointing")]  # noqa: E731
+    assert flags() and all(flags())
+    with _checkpointing_off(checkpointed.model.vision_tower):  # what a capture runs under
+        assert not any(flags())
+    assert all(flags())
+    trainable = copy.deepcopy(model)
+    trainable.model.vision_tower = copy.deepcopy(tiny_vlm[0].model.vision_tower)  # LoRA-on-vision case: weights train
+    assert graph_frozen_vision_towers(trainable) == 0
+
+
+def test_vision_cuda_graphs_is_a_train_config_switch(tiny_vlm, monkeypatch):
+    from vlmtune.config import TrainConfig
+    from vlmtune.speed import compile as regional_compile
+    from vlmtune.speed.levers import apply_speed_levers
+    from vlmtune.speed.vision_graphs import FrozenForwardGraphs
+
+    compiled = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the switch acts on GPU only; nothing here runs on one
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(regional_compile, "compile_decoder_layers", lambda model, vision=False: compiled.append(vision) or 0)
+    model = peft_lora(copy.deepcopy(tiny_vlm[0]))
+    applied = apply_speed_levers(model, TrainConfig(vision_cuda_graphs=True, compile=True))
+    assert applied["vision_towers_graphed"] == 1 and compiled == [True]  # its layers compiled too
+    assert isinstance(model.get_base_model().model.vision_tower.forward, FrozenForwardGraphs)
+    plain = peft_lora(copy.deepcopy(tiny_vlm[0]))
+    assert "vision_towers_graphed" not in apply_speed_levers(plain, TrainConfig(compile=True)) and compiled == [True, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_vision_tower_replayed_from_a_cuda_graph_equals_eager(tiny_vlm):
+    from vlmtune.speed.vision_graphs import graph_frozen_vision_towers
+
+    model = copy.deepcopy(tiny_vlm[0]).cuda().requires_grad_(False)
+    tower = model.model.vision_tower
+    size = model.config.vision_config.image_size
+    images = [torch.randn(2, 3, size, size, device="cuda") for _ in range(3)]
+    expected = [tower(image, output_hidden_states=True) for image in images]
+    graph_frozen_vision_towers(model)
+    first = tower(images[0], output_hidden_states=True)
+    replayed = [tower(image, output_hidden_states=True) for image in images]  # the first captured, the others replayed
+    assert len(tower.forward.captured) == 1
+    for got, want in zip(replayed, expected):
+        assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)
+        assert torch.allclose(got.hidden_states[-2], want.hidden_states[-2], atol=1e-5)
+    assert torch.allclose(first.last_hidden_state, expected[0].last_hidden_state, atol=1e-5)  # a kept output is not overwritten
+    tower(images[0][:1], output_hidden_states=True)  # another batch size: a graph of its own
+    assert len(tower.forward.captured) == 2
+
+
 def peft_lora(model, **kwargs):
     from peft import LoraConfig, get_peft_model
 

@@ -30,6 +30,7 @@ EXTRACT_PAST = "extract_past_from_model_output"
 UPDATE_MODEL_KWARGS = "update_model_kwargs_for_generation"
 TOKEN_TYPE_POSITIONS = "token_type_position_ids"
 GENERATION_MIXIN = "generation_mixin"
+EMPTY_CACHE_AS_NONE = "empty_cache_object_as_none"
 IMAGES_IN_MODEL_DTYPE = "images_in_vision_tower_dtype"
 _APPLIED = "_vlmtune_generation_shims"
 
@@ -99,6 +100,11 @@ def patch_generation(model: nn.Module) -> list[str]:
         applied += _wrap(cls, "_update_model_kwargs_for_generation", _with_their_update_arguments, UPDATE_MODEL_KWARGS)
     if hasattr(GenerationMixin, "_prepare_position_ids_for_generation"):
         applied += _wrap(cls, "prepare_inputs_for_generation", _with_token_type_positions, TOKEN_TYPE_POSITIONS)
+    # Where generate makes a Cache object up front (transformers 5), 5.17 hands it to the model as
+    # `past_key_values` at the prompt step, where their code wants None and builds its tuples; 5.24 passes
+    # it as `cache`, which their code never reads. Harmless where no Cache arrives.
+    if hasattr(GenerationMixin, "_prepare_cache_for_generation"):
+        applied += _wrap(cls, "prepare_inputs_for_generation", _with_empty_cache_as_none, EMPTY_CACHE_AS_NONE)
     setattr(cls, _APPLIED, tuple(applied))
     return mixin + applied
 
@@ -137,9 +143,10 @@ def _wrap(cls: type, name: str, make_wrapper, shim: str) -> list[str]:
     method = getattr(cls, name)
     if method is getattr(GenerationMixin, name):
         return []
-    if not getattr(method, "__vlmtune_shim__", False):
+    done = getattr(method, "__vlmtune_shims__", ())
+    if shim not in done:
         wrapper = make_wrapper(method)
-        wrapper.__vlmtune_shim__ = True
+        wrapper.__vlmtune_shims__ = (*done, shim)
         setattr(cls, name, wrapper)
     return [shim]
 
@@ -170,6 +177,23 @@ def _with_their_update_arguments(update):
         if "attention_mask" in model_kwargs and model_kwargs["attention_mask"] is None:
             del model_kwargs["attention_mask"]
         return update(self, outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, standardize_cache_format=standardize_cache_format)
+
+    return wrapper
+
+
+def _with_empty_cache_as_none(prepare):
+    """Their `prepare_inputs_for_generation` given None for an empty transformers Cache: their code tells
+    the prompt step by `past_key_values is None` and indexes a cache as tuples after it."""
+    from transformers.cache_utils import Cache
+
+    @functools.wraps(prepare)
+    def wrapper(self, *args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, Cache):
+            if cache.get_seq_length() > 0:
+                raise TypeError(f"{type(self).__name__}'s remote code keeps its cache as tuples; it cannot continue a {type(cache).__name__}")
+            kwargs["past_key_values"] = None
+        return prepare(self, *args, **kwargs)
 
     return wrapper
 

@@ -182,8 +182,18 @@ def projector_module_names(model: nn.Module) -> list[str]:
 
 def quantization_skip_modules(family: Family) -> list[str]:
     """Modules kept out of 4-bit: the vision tower (its features feed every answer), the projector
-    (trained in full when asked, which a 4-bit weight cannot be) and lm_head."""
-    return [*family.vision_modules, *family.projector_modules, "lm_head"]
+    (trained in full when asked, which a 4-bit weight cannot be) and lm_head.
+
+    Each name comes twice, as transformers has matched `llm_int8_skip_modules` three ways: 4.x skips
+    a module whose full name contains the key followed by a dot; 5.x before 5.24 (5.17 here) one whose
+    full name matches the key as a regex from its start, with no boundary after it; 5.24 the same with
+    a boundary, or a name that ends with the key. The towers sit under `model.` (`model.vision...`),
+    which a bare key misses from 5.0 on, and `.*\\.vision` would also reach CogVLM's language-layer
+    experts (`mlp.vision_mlp`) without a boundary: the bare key serves 4.x, and a regex that
+    carries its own boundary serves 5.x.
+    """
+    keys = [*family.vision_modules, *family.projector_modules, "lm_head"]
+    return [*keys, *(rf"(?:.*\.)?{re.escape(key)}(?=\.|$)" for key in keys)]
 
 
 def _matches_any(name: str, keys: tuple[str, ...]) -> bool:

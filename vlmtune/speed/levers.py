@@ -15,7 +15,8 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def apply_speed_levers(model: nn.Module, config: TrainConfig) -> dict[str, int]:
-    """FP8 base linears, fused LoRA linears, bf16 LoRA inputs, then compiled decoder layers; returns counts."""
+    """FP8 base linears, fused LoRA linears, bf16 LoRA inputs, compiled decoder layers, then the vision
+    tower's CUDA graphs; returns counts."""
     applied = {}
     bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if config.method != "full":
@@ -40,5 +41,11 @@ def apply_speed_levers(model: nn.Module, config: TrainConfig) -> dict[str, int]:
     if config.compile:
         from vlmtune.speed.compile import compile_decoder_layers
 
-        applied["compiled_layers"] = compile_decoder_layers(model)
+        # the vision tower's layers too when it is replayed from graphs: compiled alone, it only moved
+        # the wait to the CPU (benchmarks/NOTES.md)
+        applied["compiled_layers"] = compile_decoder_layers(model, vision=config.vision_cuda_graphs and torch.cuda.is_available())
+    if config.vision_cuda_graphs and torch.cuda.is_available():
+        from vlmtune.speed.vision_graphs import graph_frozen_vision_towers
+
+        applied["vision_towers_graphed"] = graph_frozen_vision_towers(model)
     return applied
