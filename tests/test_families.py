@@ -92,6 +92,21 @@ def test_the_collator_passes_what_each_family_needs(family):
         assert batch["token_type_ids"][0, :n_prompt].eq(0).all() and batch["token_type_ids"][0, n_prompt:].eq(1).all()
 
 
+def test_mm_token_type_ids_are_asked_for_through_either_transformers_api():
+    from vlmtune.collate import _wants_mm_token_type_ids
+
+    def processor(**attributes):
+        return type("Processor", (), attributes)()
+
+    def kwargs(text_defaults):
+        return type("ProcessorKwargs", (), {"_defaults": {"text_kwargs": text_defaults}})
+
+    assert _wants_mm_token_type_ids(processor(return_mm_token_type_ids=True))  # transformers 5.24
+    assert _wants_mm_token_type_ids(processor(valid_processor_kwargs=kwargs({"return_mm_token_type_ids": True})))  # 5.17
+    assert not _wants_mm_token_type_ids(processor(valid_processor_kwargs=kwargs({"padding": False})))
+    assert not _wants_mm_token_type_ids(processor())
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_default_lora_trains_under_one_percent_of_the_real_size_model(name):
     from transformers import AutoModelForImageTextToText

@@ -91,9 +91,18 @@ def token_type_inputs(processor, input_ids: torch.Tensor, prompt_lengths: list[i
         extra["token_type_ids"] = token_type_ids
     if families.family_of_processor(processor).prompt_style == "cogvlm_vqa":  # CogVLM: 1 routes a token to the vision expert
         extra["token_type_ids"] = processor.token_type_ids(input_ids, prompt_lengths, left_padded)
-    if getattr(processor, "return_mm_token_type_ids", False):
+    if _wants_mm_token_type_ids(processor):
         extra["mm_token_type_ids"] = torch.as_tensor(processor.create_mm_token_type_ids(input_ids.tolist()), dtype=torch.long)
     return extra
+
+
+def _wants_mm_token_type_ids(processor) -> bool:
+    """Whether the processor's model reads `mm_token_type_ids`: a processor attribute from transformers
+    5.24, a default of the processor's text kwargs before (5.17), where the model refuses a batch without it."""
+    if getattr(processor, "return_mm_token_type_ids", False):
+        return True
+    defaults = getattr(getattr(processor, "valid_processor_kwargs", None), "_defaults", None) or {}
+    return bool(defaults.get("text_kwargs", {}).get("return_mm_token_type_ids"))
 
 
 def pad_token_id(processor) -> int:
