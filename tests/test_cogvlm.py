@@ -251,6 +251,7 @@ def test_merged_model_reloads_and_matches_base_plus_adapter(trained):
 def test_cached_generation_matches_full_forward_passes(trained):
     """The shims must not only let generate() run: its positions and cache must give the logits of a plain forward."""
     from vlmtune.collate import generation_batch
+    from vlmtune.generate import _on
 
     _, root, base, _, _ = trained
     processor = load_processor(root / "adapter")
@@ -259,8 +260,7 @@ def test_cached_generation_matches_full_forward_passes(trained):
     rows[1] = {**rows[1], "input_ids": rows[1]["input_ids"][1:], "prompt_length": rows[1]["prompt_length"] - 1}  # ragged: left padding
     rows[1]["input_ids"] = [processor.tokenizer.bos_token_id] + rows[1]["input_ids"]  # keeps BOS first, one prompt token shorter
     device = next(model.parameters()).device
-    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else [[image.to(device) for image in sample] for sample in value]
-              for key, value in generation_batch(processor, rows).items()}
+    inputs = {key: _on(device, value) for key, value in generation_batch(processor, rows).items()}  # as greedy_answers moves them
     with torch.inference_mode():
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
         sequences, token_types, mask = inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"]

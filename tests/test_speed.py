@@ -72,7 +72,7 @@ def test_answer_loss_gradients_match(tiny_vlm):
 
 
 def test_frozen_vision_tower_is_wrapped_for_cuda_graphs(tiny_vlm):
-    from vlmtune.speed.vision_graphs import FrozenForwardGraphs, graph_frozen_vision_towers
+    from vlmtune.speed.vision_graphs import FrozenForwardGraphs, _checkpointing_off, graph_frozen_vision_towers
 
     model, processor = tiny_vlm
     model = copy.deepcopy(model)
@@ -83,8 +83,6 @@ def test_frozen_vision_tower_is_wrapped_for_cuda_graphs(tiny_vlm):
     assert isinstance(model.model.vision_tower.forward, FrozenForwardGraphs)
     assert graph_frozen_vision_towers(model) == 0  # once
     assert torch.equal(model(**batch).loss, expected)  # off CUDA the tower runs eagerly, unchanged
-    from vlmtune.speed.vision_graphs import _checkpointing_off
-
     checkpointed = copy.deepcopy(tiny_vlm[0])
     checkpointed.gradient_checkpointing_enable()
     flags = lambda: [m.gradient_checkpointing for m in checkpointed.model.vision_tower.modules() if hasattr(m, "gradient_checkpointing")]  # noqa: E731

@@ -31,13 +31,13 @@ def _transformers_4_skips(name: str, keys: list[str]) -> bool:  # 4.x: the key a
     return any(key + "." in name or key == name for key in keys)
 
 
-def _transformers_5_17_skips(name: str, keys: list[str]) -> bool:  # 5.x before 5.24: a regex from the start, no boundary
+def _transformers_5_17_skips(name: str, keys: list[str]) -> bool:  # 5.17: a regex from the start, no boundary
     return any(re.match(rf"{key}\.", name) or re.match(key, name) or name.endswith(key) for key in keys)
 
 
 def assert_4bit_skips_exactly(model: nn.Module, patterns: list[str], kept_out: tuple[str, ...]) -> None:
     """Each way transformers has matched `llm_int8_skip_modules` (the installed one's own function, and
-    the rules of 4.x and of 5.x before 5.24, written out) keeps every linear under one of `kept_out`
+    the rules of 4.x and of 5.17, written out) keeps every linear under one of `kept_out`
     (dotted module paths, found anywhere in a full name) in full precision, and no other linear."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -47,7 +47,7 @@ def assert_4bit_skips_exactly(model: nn.Module, patterns: list[str], kept_out: t
     matchers = {
         "installed": lambda name: not should_convert_module(name, patterns),
         "4.x": lambda name: _transformers_4_skips(name, patterns),
-        "5.0-5.23": lambda name: _transformers_5_17_skips(name, patterns),
+        "5.17": lambda name: _transformers_5_17_skips(name, patterns),
     }
     for version, skips in matchers.items():
         kept = {name for name in linears if skips(name)}
