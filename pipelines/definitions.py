@@ -58,7 +58,7 @@ def build_definitions(
         resources={
             "artifacts": ArtifactStoreResource(root=str(Path(home or env("VQA_HOME", "artifacts")).resolve())),
             "drops": DropsResource(root=str(data_root / "drops")),
-            "settings": PipelineSettings(profile=profile or env("VQA_PROFILE", "demo")),
+            "settings": PipelineSettings(profile=profile or env("VQA_PROFILE", "demo"), seed=int(env("VQA_SEED", "0"))),
             "base": BaseModelResource(
                 model_id=model_id or env("VQA_BASE_MODEL", TINY_MODEL_ID),
                 # an environment switch, since run config for a resource replaces all of its fields (model_id too)

@@ -9,5 +9,7 @@ class PipelineSettings(dg.ConfigurableResource):
 
     profile: Profile = Field(default="demo", description="`demo`: the full easy-VQA run; `smoke`: a small subset and a few steps.")
 
+    seed: int = Field(default=0, description="Seeds the tiny base's pretraining and the adapter's training (`VQA_SEED`).")
+
     def config(self) -> PipelineConfig:
-        return profile_config(self.profile)
+        return profile_config(self.profile, self.seed)

@@ -1,6 +1,7 @@
 """`vlmtune`: run the pipeline through Dagster from the command line.
 
-    vlmtune demo [--profile smoke|demo]   write the easy-VQA drops and materialize every asset
+    vlmtune demo [--profile smoke|demo|gpu] [--seed N]
+                                          write the easy-VQA drops and materialize every asset
     vlmtune ingest PATH [--name NAME]     register one drop and materialize its raw and clean samples
     vlmtune reexecute RUN_ID              re-run a failed run from its failed step; upstream results are reused
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the whole pipeline on the bundled easy-VQA data")
     demo.add_argument("--profile", choices=PROFILES, default=os.environ.get("VQA_PROFILE", "demo"))
+    demo.add_argument("--seed", type=int, default=int(os.environ.get("VQA_SEED", "0")), help="seeds pretraining and training")
     ingest = commands.add_parser("ingest", help="add one drop folder and process its raw and clean samples")
     ingest.add_argument("path", type=Path)
     ingest.add_argument("--name", help="partition name (default: the folder's name)")
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _default_environment()
     if args.command == "demo":
-        os.environ["VQA_PROFILE"] = args.profile
+        os.environ["VQA_PROFILE"], os.environ["VQA_SEED"] = args.profile, str(args.seed)
         return run_demo(args.profile)
     if args.command == "reexecute":
         return run_reexecute(args.run_id)

@@ -187,9 +187,18 @@ class PipelineConfig:
     demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 
-def profile_config(profile: Profile) -> PipelineConfig:
+def profile_config(profile: Profile, seed: int = 0) -> PipelineConfig:
     """`demo`: the full easy-VQA run sized for 2 CPU cores (under 10 minutes); `gpu`: the same run trained
-    to convergence on one GPU; `smoke`: a small fast subset for tests."""
+    to convergence on one GPU; `smoke`: a small fast subset for tests. `seed` seeds pretraining and training."""
+    config = _profile_defaults(profile)
+    if seed:
+        config = dataclasses.replace(
+            config, tiny_model=dataclasses.replace(config.tiny_model, seed=seed), train=dataclasses.replace(config.train, seed=seed)
+        )
+    return config
+
+
+def _profile_defaults(profile: Profile) -> PipelineConfig:
     # The tiny default's activations are small: recomputing them would only cost CPU time.
     if profile == "demo":
         return PipelineConfig(train=TrainConfig(max_steps=300, gradient_checkpointing=False))
