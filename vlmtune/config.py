@@ -203,10 +203,13 @@ def _profile_defaults(profile: Profile) -> PipelineConfig:
     if profile == "demo":
         return PipelineConfig(train=TrainConfig(max_steps=300, gradient_checkpointing=False))
     if profile == "gpu":
-        # The tiny default trained to convergence on one GPU (H100, through Dagster: 234 s of training, 99.2 %).
+        # The tiny default trained to convergence on one GPU. Both stages learn by breaking through a
+        # plateau at a step that varies from seed to seed (and from run to run: GPU kernels are not
+        # deterministic); at 2,500 + 2,500 steps a late break left one run in three with a yes/no
+        # type near 70 % (benchmarks/TINY_DEFAULT.md), so both budgets leave room for a late one.
         return PipelineConfig(
-            tiny_model=TinyModelConfig(pretrain_steps=2_500, pretrain_batch_size=128),
-            train=TrainConfig(max_steps=2_500, batch_size=64, eval_steps=100, early_stopping_patience=10, gradient_checkpointing=False),
+            tiny_model=TinyModelConfig(pretrain_steps=4_000, pretrain_batch_size=128),
+            train=TrainConfig(max_steps=4_000, batch_size=64, eval_steps=100, early_stopping_patience=15, gradient_checkpointing=False),
             eval=EvalConfig(batch_size=512),
         )
     if profile == "smoke":

@@ -65,7 +65,7 @@ def _build_kernel(interpret: bool = False):
 
     @triton.jit
     def kernel(
-        c_ptr, h_ptr, b_ptr, out_ptr, M, N, R, scale,
+        c_ptr, h_ptr, b_ptr, out_ptr, M, N, R, scale, M_BUCKET,
         stride_cm, stride_cn, stride_hm, stride_hr, stride_bn, stride_br, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -90,7 +90,10 @@ def _build_kernel(interpret: bool = False):
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps)
         for block_m, block_n, warps in [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 256, 8)]
     ]
-    return triton.autotune(configs=configs, key=["M", "N", "BLOCK_R"])(kernel)
+    # Keyed on M's power-of-two bucket, not M: token counts change with every batch of variable-length
+    # samples, and a key on M benchmarked every candidate tile again for each new count (the tiny
+    # default's LoRA ran at 13.7 steps/s against 17.4 without the kernel on an H200).
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "BLOCK_R"])(kernel)
 
 
 class _FixedTile:
@@ -111,7 +114,7 @@ def _launch(launch, c: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: fl
     out = torch.empty((rows, cols), dtype=out_dtype or c.dtype, device=c.device)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
     launch(kernel or _KERNEL)[grid](
-        c, h, b, out, rows, cols, rank, scale,
+        c, h, b, out, rows, cols, rank, scale, triton.next_power_of_2(rows),
         c.stride(0), c.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1), out.stride(0),
         BLOCK_R=max(16, triton.next_power_of_2(rank)),  # tl.dot needs K >= 16
     )
