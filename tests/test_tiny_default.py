@@ -1,6 +1,7 @@
 """The tiny default's pretraining corpus (generated shape scenes) and its convolutional-stem vision tower."""
 
 import random
+import re
 import subprocess
 import sys
 
@@ -41,12 +42,30 @@ def test_answers_follow_the_scene_and_negations_flip_them(seed):
         named = next((word for word in (*COLOR_VALUES, *SHAPES) if f" {word}" in f" {question.rstrip('?.')}"), None)
         if answer in ("yes", "no"):
             truth = named in (scene.color, scene.shape)
-            negated = " not " in question or question.startswith("is no ")
+            negated = re.search(r"\b(not|no|nothing)\b", question) is not None
             assert (answer == "yes") == (truth != negated), (question, answer, scene.color, scene.shape)
         elif " " in answer:
             assert answer == f"{scene.color} {scene.shape}"
         else:
             assert answer in (scene.color, scene.shape)
+
+
+def test_yes_no_questions_name_their_value_and_negate_at_many_places():
+    # the tokens are bytes: a base that always met the shape word at one offset learned the offset
+    offsets = {"shape": set(), "colour": set()}
+    negation_offsets = set()
+    for index in range(3000):
+        sample = scene_sample(0, index)
+        if sample["answer"] not in ("yes", "no"):
+            continue
+        question = sample["question"]
+        for kind, words in (("shape", SHAPES), ("colour", COLOR_VALUES)):
+            for word in words:
+                if re.search(rf"\b{word}\b", question):
+                    offsets[kind].add(question.index(word))
+        if match := re.search(r"\b(not|no|nothing)\b", question):
+            negation_offsets.add(match.start())
+    assert len(offsets["shape"]) >= 6 and len(offsets["colour"]) >= 5 and len(negation_offsets) >= 5
 
 
 def test_pretraining_never_asks_an_easy_vqa_question():

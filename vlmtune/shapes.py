@@ -55,26 +55,46 @@ def draw_scene(rng: random.Random, side: int = 64, min_size: int = 8, max_size: 
     return Scene(shape, color, canvas.resize((side, side), Image.Resampling.BOX))
 
 
+# Yes/no wordings as (asserting, negated) pairs. The value named and the negation sit at different
+# places from one wording to the next, so the base learns to find the named value wherever it is
+# (byte-level tokens: it must recognise the word, not read a fixed position) and to compare it with
+# the picture. With one wording per kind ("is a circle drawn?") the base learned the position, and
+# the adapter then had to relearn the comparison for easy-VQA's wordings: the plateau some seeds
+# never left (benchmarks/TINY_DEFAULT.md).
+SHAPE_YES_NO = (
+    ("is a {} drawn?", "is no {} drawn?"),
+    ("can you see a {} here?", "can you see no {} here?"),
+    ("does this picture show a {}?", "does this picture not show a {}?"),
+    ("is the object a {}?", "is the object not a {}?"),
+    ("would you call the object a {}?", "would you not call the object a {}?"),
+    ("looking closely, do you find a {} somewhere?", "looking closely, do you find no {} anywhere?"),
+)
+COLOR_YES_NO = (
+    ("is the object {}?", "is the object not {}?"),
+    ("is something {} drawn?", "is nothing {} drawn?"),
+    ("does this picture show a {} object?", "does this picture not show a {} object?"),
+    ("is the colour of the object {}?", "is the colour of the object not {}?"),
+    ("can you see a {} thing here?", "can you see no {} thing here?"),
+)
+
+
 def scene_question(rng: random.Random, scene: Scene) -> tuple[str, str]:
     """A question about the scene and its one-word (or two-word, for a description) answer."""
     kind = rng.random()
-    if kind < 0.15:
+    if kind < 0.1:
         return rng.choice(("describe the picture.", "what is drawn here?")), f"{scene.color} {scene.shape}"
-    if kind < 0.35:
+    if kind < 0.3:
         return rng.choice(("which colour is the object?", "name the colour of the object.", f"colour of the {scene.shape}?")), scene.color
-    if kind < 0.55:
-        return rng.choice(("which shape is drawn?", "name the shape.", f"which shape is the {scene.color} object?")), scene.shape
-    # yes/no, half of them true, half negated: "not" flips the answer
+    if kind < 0.5:
+        return rng.choice(("which shape is drawn?", "name the shape.", f"which shape is the {scene.color} object?", "tell me the shape you see.")), scene.shape
+    # yes/no, half of them true, half negated: the negation flips the answer
     about_color = rng.random() < 0.5
     truth = scene.color if about_color else scene.shape
     pool = sorted(COLOR_VALUES) if about_color else list(SHAPES)
     named = truth if rng.random() < 0.5 else rng.choice([value for value in pool if value != truth])
     negated = rng.random() < 0.5
-    if about_color:
-        question = f"is the object {'not ' if negated else ''}{named}?"
-    else:
-        question = f"is {'no' if negated else 'a'} {named} drawn?"
-    return question, "yes" if (named == truth) != negated else "no"
+    wording = rng.choice(COLOR_YES_NO if about_color else SHAPE_YES_NO)[negated]
+    return wording.format(named), "yes" if (named == truth) != negated else "no"
 
 
 def scene_sample(seed: int, index: int) -> dict:
