@@ -4,10 +4,11 @@ from assets.results import materialize_result
 from resources import ArtifactStoreResource, BaseModelResource, PipelineSettings
 from vlmtune.artifacts import fingerprint
 from vlmtune.base_model import prepare_base_model
+from vlmtune.code_version import stage_code_version
 from vlmtune.config import as_dict
 from vlmtune.models import is_tiny_default
 
-CODE_VERSION = "3"  # 3: pretrained on generated shape scenes, convolutional stem
+CODE_VERSION = stage_code_version(["assets.base_model"], ("tokenizers", "torch", "transformers"))
 
 
 @dg.asset(code_version=CODE_VERSION, group_name="model", kinds={"pytorch", "huggingface"}, pool="gpu")

@@ -5,11 +5,12 @@ from pipelines.partitions import drops_partitions
 from resources import ArtifactStoreResource, DropsResource, PipelineSettings
 from vlmtune.artifacts import fingerprint
 from vlmtune.clean import clean_drop
+from vlmtune.code_version import stage_code_version
 from vlmtune.config import as_dict
 from vlmtune.formats import QUARANTINE_FILE
 from vlmtune.quarantine import quarantine_preview
 
-CODE_VERSION = "2"
+CODE_VERSION = stage_code_version(["assets.clean_samples"], ("datasets", "imagehash", "pillow", "pyarrow"))
 
 
 @dg.asset(

@@ -6,13 +6,14 @@ from assets.results import materialize_result
 from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune.artifacts import fingerprint, read_json
 from vlmtune.base_model import ref_from_summary
+from vlmtune.code_version import stage_code_version
 from vlmtune.config import as_dict
+from vlmtune.evaluate import evaluate_adapter, full_reference_matches, pick_previous_adapter
 from vlmtune.models import load_processor
 from vlmtune.pinning import check_pins
 from vlmtune.report import with_inline_images
-from vlmtune.evaluate import evaluate_adapter, full_reference_matches, pick_previous_adapter
 
-CODE_VERSION = "2"
+CODE_VERSION = stage_code_version(["assets.evaluation_report"], ("datasets", "peft", "torch", "transformers"))
 
 
 @dg.asset(

@@ -3,11 +3,13 @@ import dagster as dg
 from assets.results import materialize_result
 from resources import ArtifactStoreResource
 from vlmtune.artifacts import fingerprint, read_json
-from vlmtune.base_model import PROCESSOR_DIR, ref_from_summary
+from vlmtune.base_model import ref_from_summary
+from vlmtune.code_version import stage_code_version
 from vlmtune.config import TrainConfig, as_dict
+from vlmtune.formats import PROCESSOR_DIR
 from vlmtune.train import train_adapter
 
-CODE_VERSION = "1"
+CODE_VERSION = stage_code_version(["assets.full_finetune_reference"], ("torch", "transformers"))
 
 
 class FullFinetuneOverrides(dg.Config):

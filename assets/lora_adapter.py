@@ -7,10 +7,12 @@ from assets.results import materialize_result
 from pipelines.train_worker import REPORTED
 from resources import ArtifactStoreResource, PipelineSettings, TrainingLauncher
 from vlmtune.artifacts import fingerprint, write_json
-from vlmtune.base_model import PROCESSOR_DIR, ref_from_summary
+from vlmtune.base_model import ref_from_summary
+from vlmtune.code_version import stage_code_version
 from vlmtune.config import as_dict, with_overrides
+from vlmtune.formats import PROCESSOR_DIR
 
-CODE_VERSION = "1"
+CODE_VERSION = stage_code_version(["assets.lora_adapter", "pipelines.train_worker"], ("bitsandbytes", "peft", "torch", "transformers"))
 
 
 class TrainOverrides(dg.Config):

@@ -4,12 +4,13 @@ from assets.results import materialize_result
 from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune.artifacts import fingerprint
 from vlmtune.base_model import ref_from_summary
+from vlmtune.code_version import stage_code_version
 from vlmtune.config import as_dict
+from vlmtune.merge import merge_adapter
 from vlmtune.models import load_processor
 from vlmtune.pinning import check_pins
-from vlmtune.merge import merge_adapter
 
-CODE_VERSION = "2"
+CODE_VERSION = stage_code_version(["assets.merged_model"], ("peft", "safetensors", "torch", "transformers"))
 
 
 @dg.asset(

@@ -4,9 +4,10 @@ from assets.results import counts_table, materialize_result
 from pipelines.partitions import drops_partitions
 from resources import ArtifactStoreResource, DropsResource
 from vlmtune.artifacts import fingerprint
+from vlmtune.code_version import stage_code_version
 from vlmtune.ingest import drop_fingerprint, ingest_drop
 
-CODE_VERSION = "2"
+CODE_VERSION = stage_code_version(["assets.raw_samples"], ("pillow", "pyarrow"))
 
 
 @dg.asset(partitions_def=drops_partitions, code_version=CODE_VERSION, group_name="data", kinds={"parquet"})

@@ -4,12 +4,13 @@ from assets.results import counts_table, materialize_result
 from pipelines.partitions import drops_partitions
 from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune.artifacts import fingerprint
-from vlmtune.base_model import PROCESSOR_DIR
+from vlmtune.code_version import stage_code_version
 from vlmtune.config import as_dict
+from vlmtune.formats import PROCESSOR_DIR
 from vlmtune.models import load_processor
 from vlmtune.tokenization import assemble_splits, tokenize_drop
 
-CODE_VERSION = "2"
+CODE_VERSION = stage_code_version(["assets.tokenized_dataset"], ("datasets", "tokenizers", "transformers"))
 
 
 @dg.asset(deps=["clean_samples", "base_model"], code_version=CODE_VERSION, group_name="data", kinds={"arrow"})

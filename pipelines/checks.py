@@ -12,8 +12,8 @@ from pipelines.partitions import drops_partitions
 from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune import formats
 from vlmtune.adapter_checks import adapter_report
-from vlmtune.base_model import PROCESSOR_DIR
 from vlmtune.dataset_checks import tokenized_dataset_problems
+from vlmtune.formats import PROCESSOR_DIR
 from vlmtune.models import load_processor
 from vlmtune.promotion import promotion_problems
 from vlmtune.self_contained import self_contained_problems

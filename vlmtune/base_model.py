@@ -19,14 +19,13 @@ from PIL import Image
 
 from vlmtune.artifacts import sha256_file, sha256_tree
 from vlmtune.config import TinyModelConfig, TrainConfig
+from vlmtune.formats import PROCESSOR_DIR, WEIGHTS_DIR
 from vlmtune.models import BaseModelRef, build_tiny_vlm, is_tiny_default, load_processor
 from vlmtune.pinning import processor_pins
 from vlmtune.shapes import scene_sample
 from vlmtune.tokenization import dataset_from_rows, encode_batch
 from vlmtune.train import Log, fit
 
-PROCESSOR_DIR = "processor"
-WEIGHTS_DIR = "weights"
 
 
 def prepare_base_model(

@@ -16,6 +16,9 @@ Split = Literal["train", "validation", "test"]
 RAW_SAMPLES_FILE = "raw_samples.parquet"
 CLEAN_SAMPLES_FILE = "clean_samples.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
+# inside a base_model artifact: the processor every stage loads, and a built model's weights
+PROCESSOR_DIR = "processor"
+WEIGHTS_DIR = "weights"
 
 # Quarantine reasons, one per rule, so the counts per reason say what went wrong with a drop.
 INVALID_UTF8 = "invalid_utf8"
