@@ -1,6 +1,7 @@
 import dagster as dg
 
 from assets.results import counts_table, materialize_result
+from assets.upstream import upstream
 from pipelines.partitions import drops_partitions
 from resources import ArtifactStoreResource, DropsResource, PipelineSettings
 from vlmtune.artifacts import fingerprint
@@ -22,7 +23,7 @@ def clean_samples(
     """Decoded RGB images and normalised text, exact and near duplicates removed, split without test leakage; rejected records quarantined with a reason."""
     drop = context.partition_key
     store = artifacts.store()
-    raw = store.require_current("raw_samples", drop)
+    raw = upstream(context, store, "raw_samples", drop)
     config = settings.config().clean
     output_settings = {name: value for name, value in as_dict(config).items() if name != "num_proc"}  # num_proc changes speed, not output
     version = fingerprint("clean_samples", CODE_VERSION, raw.fingerprint, output_settings)

@@ -3,6 +3,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.results import materialize_result
+from assets.upstream import materialized_fingerprints, require_latest, trained_on, upstream, upstream_or_none
 from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune.artifacts import fingerprint, read_json
 from vlmtune.base_model import ref_from_summary
@@ -25,15 +26,17 @@ def evaluation_report(
 ) -> dg.MaterializeResult:
     """Accuracy with a 95 % CI against majority, blind, base model, previous adapter, image-shuffle and (if trained) full fine-tuning."""
     store = artifacts.store()
-    base, data, adapter = (store.require_current(name) for name in ("base_model", "tokenized_dataset", "lora_adapter"))
+    adapter = upstream(context, store, "lora_adapter")
+    base, data = trained_on(store, adapter)
+    for asset, artifact in (("base_model", base), ("tokenized_dataset", data)):
+        require_latest(context, artifact, asset, f"adapter {adapter.fingerprint} was trained on an older {asset}; retrain it")
     config = settings.config().eval
     check_pins(load_processor(adapter.path), data.summary["pins"], "evaluation")  # one template, one pixel budget
-    history = context.instance.fetch_materializations(dg.AssetKey("lora_adapter"), limit=1000).records
+    shipped = materialized_fingerprints(context.instance, "merged_model", metadata_key="lora_adapter")  # newest first
     previous, previous_note = pick_previous_adapter(
-        [(r.asset_materialization.metadata["fingerprint"].value, r.asset_materialization.metadata["path"].value) for r in history],
-        adapter.fingerprint, base.fingerprint,
+        [(fp, str(store.version_dir("lora_adapter", fp))) for fp in shipped], adapter.fingerprint, base.fingerprint
     )
-    full = store.current("full_finetune_reference")
+    full = upstream_or_none(context, store, "full_finetune_reference")
     full = full if full and full_reference_matches(read_json(full.path / "manifest.json"), read_json(adapter.path / "manifest.json")) else None
     version = fingerprint("evaluation_report", CODE_VERSION, adapter.fingerprint, data.fingerprint, as_dict(config), previous_note, full and full.fingerprint)
     artifact = store.build(
@@ -51,6 +54,8 @@ def evaluation_report(
     optional = {f"{name}_accuracy": summary["baselines"][name] for name in ("previous_adapter", "full_finetune") if name in summary["baselines"]}
     return materialize_result(
         artifact,
+        lora_adapter=adapter.fingerprint,
+        previous_adapter=previous_note,
         accuracy=summary["accuracy"],
         ci95_low=summary["ci95"][0],
         ci95_high=summary["ci95"][1],

@@ -1,6 +1,7 @@
 import dagster as dg
 
 from assets.results import materialize_result
+from assets.upstream import trained_on, upstream
 from resources import ArtifactStoreResource
 from vlmtune.artifacts import fingerprint, read_json
 from vlmtune.base_model import ref_from_summary
@@ -29,7 +30,8 @@ def full_finetune_reference(
     Not part of `train_and_ship` (it costs a second training run); run the `lora_vs_full` job.
     """
     store = artifacts.store()
-    base, data, adapter = (store.require_current(name) for name in ("base_model", "tokenized_dataset", "lora_adapter"))
+    adapter = upstream(context, store, "lora_adapter")
+    base, data = trained_on(store, adapter)
     adapter_config = read_json(adapter.path / "manifest.json")["config"]
     train_config = TrainConfig(**adapter_config | {"method": "full", "learning_rate": config.learning_rate or adapter_config["learning_rate"]})
     version = fingerprint("full_finetune_reference", CODE_VERSION, base.fingerprint, data.fingerprint, as_dict(train_config))

@@ -4,6 +4,7 @@ import json
 import dagster as dg
 
 from assets.results import materialize_result
+from assets.upstream import upstream, upstream_or_none
 from pipelines.train_worker import REPORTED
 from resources import ArtifactStoreResource, PipelineSettings, TrainingLauncher
 from vlmtune.artifacts import fingerprint, write_json
@@ -54,10 +55,10 @@ def lora_adapter(
 ) -> dg.MaterializeResult:
     """A PEFT LoRA adapter on every linear layer of the language model, trained in its own process (Dagster Pipes)."""
     store = artifacts.store()
-    base, data = store.require_current("base_model"), store.require_current("tokenized_dataset")
+    base, data = upstream(context, store, "base_model"), upstream(context, store, "tokenized_dataset")
     train_config = with_overrides(settings.config().train, config.model_dump())
     inputs = {"base_model": base.fingerprint, "tokenized_dataset": data.fingerprint, "drop_versions": data.summary["drop_versions"]}
-    current = store.current("lora_adapter")
+    current = upstream_or_none(context, store, "lora_adapter")  # the latest adapter Dagster recorded
     warm_start = current if train_config.init_from == "previous" and current is not None else None
     if warm_start and (warm_start.summary["inputs"], warm_start.summary["config"]) == (inputs, as_dict(train_config)):
         return materialize_result(warm_start, **_reported(warm_start.summary))  # no new data to continue on

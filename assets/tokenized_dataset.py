@@ -1,6 +1,7 @@
 import dagster as dg
 
 from assets.results import counts_table, materialize_result
+from assets.upstream import upstream, upstream_or_none
 from pipelines.partitions import drops_partitions
 from resources import ArtifactStoreResource, PipelineSettings
 from vlmtune.artifacts import fingerprint
@@ -19,10 +20,10 @@ def tokenized_dataset(
 ) -> dg.MaterializeResult:
     """A train / validation / test DatasetDict for the base model's processor; each drop tokenized once into its own shard."""
     store = artifacts.store()
-    base = store.require_current("base_model")
+    base = upstream(context, store, "base_model")
     config = settings.config().tokenize
     drops = sorted(context.instance.get_dynamic_partitions(drops_partitions.name))
-    cleaned = {drop: store.current("clean_samples", drop) for drop in drops}
+    cleaned = {drop: upstream_or_none(context, store, "clean_samples", drop) for drop in drops}
     missing = [drop for drop, artifact in cleaned.items() if artifact is None]
     if missing:
         raise RuntimeError(f"drops {missing} are registered but have no clean_samples; materialize them first")

@@ -8,14 +8,16 @@ from assets.evaluation_report import evaluation_report
 from assets.lora_adapter import lora_adapter
 from assets.merged_model import merged_model
 from assets.tokenized_dataset import tokenized_dataset
+from assets.upstream import trained_on, upstream, upstream_or_none
 from pipelines.partitions import drops_partitions
-from resources import ArtifactStoreResource, PipelineSettings
+from resources import ArtifactStoreResource
 from vlmtune import formats
 from vlmtune.adapter_checks import adapter_report
+from vlmtune.artifacts import read_json
 from vlmtune.dataset_checks import tokenized_dataset_problems
 from vlmtune.formats import PROCESSOR_DIR
 from vlmtune.models import load_processor
-from vlmtune.promotion import promotion_problems
+from vlmtune.promotion import gate_config, promotion_problems
 from vlmtune.self_contained import self_contained_problems
 
 
@@ -24,7 +26,7 @@ def clean_counts_conserved(context: dg.AssetCheckExecutionContext, artifacts: Ar
     store = artifacts.store()
     per_drop = {}
     for drop in context.instance.get_dynamic_partitions(drops_partitions.name):
-        raw, clean = store.current("raw_samples", drop), store.current("clean_samples", drop)
+        raw, clean = upstream_or_none(context, store, "raw_samples", drop), upstream_or_none(context, store, "clean_samples", drop)
         if raw is None or clean is None:
             continue
         kept = pq.read_metadata(clean.path / formats.CLEAN_SAMPLES_FILE).num_rows
@@ -39,9 +41,9 @@ def clean_counts_conserved(context: dg.AssetCheckExecutionContext, artifacts: Ar
     blocking=True,
     description="No image in both training and test; every row has answer tokens, and its labels are exactly the answer plus one end token.",
 )
-def tokenized_dataset_sound(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
+def tokenized_dataset_sound(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
     store = artifacts.store()
-    data, base = store.require_current("tokenized_dataset"), store.require_current("base_model")
+    data, base = upstream(context, store, "tokenized_dataset"), upstream(context, store, "base_model")
     problems = tokenized_dataset_problems(data.path / "dataset", load_processor(base.path / PROCESSOR_DIR))
     passed = not (problems["images_shared_with_test"] or problems["rows_without_answer_tokens"] or problems["rows_with_wrong_targets"])
     return dg.AssetCheckResult(passed=passed, metadata=problems)
@@ -52,8 +54,8 @@ def tokenized_dataset_sound(artifacts: ArtifactStoreResource) -> dg.AssetCheckRe
     blocking=True,
     description="Every LoRA layer moved from its initial value and every target pattern matched a module; adapted modules counted per component.",
 )
-def lora_really_trained(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
-    adapter = artifacts.store().require_current("lora_adapter")
+def lora_really_trained(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
+    adapter = upstream(context, artifacts.store(), "lora_adapter")
     if not (adapter.path / "adapter_config.json").is_file():
         return dg.AssetCheckResult(passed=True, metadata={"method": "full fine-tuning: no adapter layers"})
     report = adapter_report(adapter.path)
@@ -70,13 +72,15 @@ def lora_really_trained(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult
     blocking=True,
     description="Ship only an adapter that beats the blind baseline, is not worse than the previous version beyond a tolerance, and stops its answers by itself.",
 )
-def ready_to_ship(artifacts: ArtifactStoreResource, settings: PipelineSettings) -> dg.AssetCheckResult:
-    summary = artifacts.store().require_current("evaluation_report").summary
-    problems = promotion_problems(summary, settings.config().eval)
+def ready_to_ship(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
+    report = upstream(context, artifacts.store(), "evaluation_report")
+    manifest, summary = read_json(report.path / "manifest.json"), report.summary
+    problems = promotion_problems(summary, gate_config(manifest["config"]))  # the rules merged_model applies again
     baselines = summary["baselines"]
     return dg.AssetCheckResult(
         passed=not problems,
         metadata={
+            "evaluation_report": report.fingerprint, "lora_adapter": manifest["lora_adapter"],
             "accuracy": summary["accuracy"], "blind": baselines["blind"], "margin_over_blind": summary["accuracy"] - baselines["blind"],
             "previous_adapter": baselines.get("previous_adapter", "none"), "hit_max_new_tokens_rate": summary["hit_max_new_tokens_rate"],
             "problems": "; ".join(problems) or "none",
@@ -85,8 +89,8 @@ def ready_to_ship(artifacts: ArtifactStoreResource, settings: PipelineSettings) 
 
 
 @dg.asset_check(asset=evaluation_report, description="Accuracy drops (paired 95 % CI above zero) when each question gets another sample's image: the model reads the image.")
-def uses_the_image(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
-    summary = artifacts.store().require_current("evaluation_report").summary
+def uses_the_image(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
+    summary = upstream(context, artifacts.store(), "evaluation_report").summary
     low, high = summary["image_shuffle_drop_ci95"]
     return dg.AssetCheckResult(
         passed=low > 0,  # the paired 95 % interval on the drop excludes zero
@@ -97,9 +101,10 @@ def uses_the_image(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=merged_model, description="The reloaded merged model matches base + adapter (logits within the dtype's tolerance, identical greedy answers) and is self-contained: safetensors, processor with the pinned template and pixel budget, generation config.")
-def merged_matches_adapter(artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
+def merged_matches_adapter(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
     store = artifacts.store()
-    merged, data = store.require_current("merged_model"), store.require_current("tokenized_dataset")
+    merged = upstream(context, store, "merged_model")
+    _, data = trained_on(store, store.find("lora_adapter", read_json(merged.path / "manifest.json")["lora_adapter"]))
     summary = merged.summary
     missing = self_contained_problems(merged.path, data.summary["pins"])
     passed = summary["within_tolerance"] and summary["answers_identical"] and summary["n_check_samples"] > 0 and not missing

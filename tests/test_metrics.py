@@ -72,7 +72,7 @@ def test_previous_adapter_is_the_newest_other_version_on_the_same_base(tmp_path)
         (tmp_path / name / "manifest.json").write_text(f'{{"base_model": "{base}"}}')
     history = [("cur", str(tmp_path / "cur")), ("cur", str(tmp_path / "cur")), ("v2", str(tmp_path / "old")), ("v1", str(tmp_path / "older"))]
     assert pick_previous_adapter(history, "cur", "base1")[0] == str(tmp_path / "old")
-    assert pick_previous_adapter(history[:2], "cur", "base1") == (None, "first adapter version: nothing materialized before it")
+    assert pick_previous_adapter(history[:2], "cur", "base1") == (None, "first adapter version: none shipped before it")
     assert pick_previous_adapter([("v3", str(tmp_path / "foreign"))], "cur", "base1")[0] is None
     assert pick_previous_adapter([("v3", str(tmp_path / "gone"))], "cur", "base1")[0] is None
 

@@ -137,3 +137,55 @@ def test_qlora_trains_and_is_evaluated_through_the_pipeline(smoke_run):
     print(f"QLoRA smoke: accuracy {report['accuracy'].value:.3f}, blind {report['blind_accuracy'].value:.3f}, "
           f"majority {report['majority_accuracy'].value:.3f}, run success {result.success}")
     assert report["accuracy"].value > report["majority_accuracy"].value
+
+
+def _materialize(defs, instance, selection, run_config=None):
+    return dg.materialize(
+        [*defs.assets, *defs.asset_checks], instance=instance, resources=defs.resources, selection=selection,
+        run_config=run_config or {}, raise_on_error=False,
+    )
+
+
+def _recorded_inputs(instance, asset) -> dict[str, str]:
+    """The upstream data versions Dagster recorded on the latest materialization of `asset`."""
+    prefix = "dagster/input_data_version/"
+    tags = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.tags or {}
+    return {key.removeprefix(prefix): value for key, value in tags.items() if key.startswith(prefix)}
+
+
+def _failure_text(result) -> str:
+    return " ".join(event.step_failure_data.error.to_string() for event in result.all_events if event.is_step_failure)
+
+
+def test_only_an_adapter_its_passing_report_evaluated_is_ever_merged(smoke_run):
+    _, instance = smoke_run
+    defs = build_definitions(profile="smoke")
+    shipped = latest(instance, "merged_model")
+    adapter_a, report_a = shipped["lora_adapter"].value, shipped["evaluation_report"].value
+    assert _recorded_inputs(instance, "merged_model")["lora_adapter"] == adapter_a
+    assert _recorded_inputs(instance, "merged_model")["evaluation_report"] == report_a
+
+    # adapter B: four steps from the base (every LoRA layer moves), far below the blind baseline
+    assert _materialize(defs, instance, ["lora_adapter"], {"ops": {"lora_adapter": {"config": {"max_steps": 4}}}}).success
+    adapter_b = latest(instance, "lora_adapter")["fingerprint"].value
+    assert adapter_b != adapter_a
+
+    # merging on its own now would pair B with A's report: refused, nothing shipped
+    unevaluated = _materialize(defs, instance, ["merged_model"])
+    assert not unevaluated.success and "has no evaluation yet" in _failure_text(unevaluated)
+    assert latest(instance, "merged_model")["lora_adapter"].value == adapter_a
+
+    # B's evaluation: compared with the shipped A, refused by the blocking gate
+    _materialize(defs, instance, ["evaluation_report"])
+    report_b = latest(instance, "evaluation_report")
+    assert report_b["lora_adapter"].value == adapter_b == _recorded_inputs(instance, "evaluation_report")["lora_adapter"]
+    assert adapter_a in report_b["previous_adapter"].value
+    gate = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("evaluation_report"), "ready_to_ship")]
+    )[dg.AssetCheckKey(dg.AssetKey("evaluation_report"), "ready_to_ship")].event.asset_check_evaluation
+    assert not gate.passed and gate.metadata["lora_adapter"].value == adapter_b
+
+    # however it is launched, the merge refuses the rejected adapter and names the reason
+    rejected = _materialize(defs, instance, ["merged_model"])
+    assert not rejected.success and "did not pass the promotion gate" in _failure_text(rejected)
+    assert latest(instance, "merged_model")["lora_adapter"].value == adapter_a

@@ -58,7 +58,7 @@ def run_demo(profile: str) -> int:
     for drop_dir in drop_dirs:
         timings[f"ingest {drop_dir.name}"] = _execute(instance, "ingest_drop", partition_key=drop_dir.name)
     timings["train_and_ship"] = _execute(instance, "train_and_ship")
-    _print_headline(timings, time.time() - started)
+    _print_headline(instance, timings, time.time() - started)
     return 0
 
 
@@ -161,13 +161,17 @@ def _execute(instance, job_name: str, partition_key: str | None = None) -> float
     return time.time() - started
 
 
-def _print_headline(timings: dict[str, float], total: float) -> None:
-    from vlmtune.artifacts import ArtifactStore
+def _print_headline(instance, timings: dict[str, float], total: float) -> None:
+    """The model this run shipped, with the report and adapter it names (never the store's moving pointers)."""
+    import dagster as dg
+
+    from vlmtune.artifacts import ArtifactStore, read_json
 
     store = ArtifactStore(os.environ["VQA_HOME"])
-    report = store.require_current("evaluation_report")
-    adapter = store.require_current("lora_adapter")
-    merged = store.require_current("merged_model")
+    event = instance.get_latest_materialization_event(dg.AssetKey("merged_model"))
+    merged = store.find("merged_model", event.asset_materialization.metadata["fingerprint"].value)
+    manifest = read_json(merged.path / "manifest.json")
+    report, adapter = store.find("evaluation_report", manifest["evaluation_report"]), store.find("lora_adapter", manifest["lora_adapter"])
     summary = report.summary
     print("\n[vlmtune] done in {:.0f}s ({})".format(total, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())))
     print(f"  {'accuracy':<27}{summary['accuracy']:.1%} on {summary['n']} test questions")

@@ -169,9 +169,10 @@ def metric_name(references: Sequence[Sequence[str]]) -> str:
 
 
 def pick_previous_adapter(history: Sequence[tuple[str, str]], current_fingerprint: str, base_fingerprint: str) -> tuple[str | None, str]:
-    """The adapter version materialized before the current one, and why there is none when there is none.
+    """The adapter version shipped before the current one, and why there is none when there is none.
 
-    `history` holds (fingerprint, path) pairs, newest first. The previous version is the newest with
+    `history` holds the (fingerprint, path) pairs of the shipped (merged) adapters, newest first, so
+    an adapter the gate refused is never the yardstick. The previous version is the newest with
     another fingerprint; it is compared only if its folder still exists and it was trained on the same base.
     """
     for fingerprint, path in history:
@@ -183,7 +184,7 @@ def pick_previous_adapter(history: Sequence[tuple[str, str]], current_fingerprin
         if json.loads(manifest.read_text()).get("base_model") != base_fingerprint:
             return None, f"previous version {fingerprint} was trained on another base model"
         return path, f"previous version {fingerprint}"
-    return None, "first adapter version: nothing materialized before it"
+    return None, "first adapter version: none shipped before it"
 
 
 _SAME_TRAINING = ("max_steps", "batch_size", "gradient_accumulation_steps", "seed", "max_train_samples")

@@ -69,7 +69,11 @@ def write_model_card(
     ]
     if evaluation:
         low, high = evaluation.get("ci95", [float("nan")] * 2)
-        lines += ["", "## Evaluation (test split)", "", "| model | accuracy |", "|---|---|",
+        lines += ["", "## Evaluation (test split)", ""]
+        if "adapter_version" in evaluation:
+            lines += [f"Of adapter version `{evaluation['adapter_version']}`, the one merged here "
+                      f"(evaluation report `{evaluation['report_version']}`, passed by the `ready_to_ship` gate).", ""]
+        lines += ["| model | accuracy |", "|---|---|",
                   f"| this model | {evaluation['accuracy']:.1%} (95 % CI {low:.1%} – {high:.1%}, n = {evaluation['n']}) |"]
         lines += [f"| baseline: {name} | {value:.1%} |" for name, value in evaluation.get("baselines", {}).items()]
     if lora:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from vlmtune.config import EvalConfig
+
+
+def gate_config(saved: dict[str, Any]) -> EvalConfig:
+    """The evaluation config a report was made under (its manifest's `config`), so the gate judges by the report's own rules."""
+    names = {field.name for field in dataclasses.fields(EvalConfig)}
+    return EvalConfig(**{key: value for key, value in saved.items() if key in names})
 
 
 def promotion_problems(summary: dict[str, Any], config: EvalConfig) -> list[str]:
