@@ -75,13 +75,16 @@ def lora_really_trained(context: dg.AssetCheckExecutionContext, artifacts: Artif
 def ready_to_ship(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStoreResource) -> dg.AssetCheckResult:
     report = upstream(context, artifacts.store(), "evaluation_report")
     manifest, summary = read_json(report.path / "manifest.json"), report.summary
-    problems = promotion_problems(summary, gate_config(manifest["config"]))  # the rules merged_model applies again
-    baselines = summary["baselines"]
+    config = gate_config(manifest["config"])
+    problems = promotion_problems(summary, config)  # the rules merged_model applies again
+    baselines, leads = summary["baselines"], summary.get("lead_ci95", {})
     return dg.AssetCheckResult(
         passed=not problems,
         metadata={
             "evaluation_report": report.fingerprint, "lora_adapter": manifest["lora_adapter"],
             "accuracy": summary["accuracy"], "blind": baselines["blind"], "margin_over_blind": summary["accuracy"] - baselines["blind"],
+            "gate": config.gate + (" (smoke profile: point estimates)" if config.gate == "point" else " (paired 95 % intervals)"),
+            "margin_over_blind_ci95_low": leads["blind"][0] if "blind" in leads else "not recorded",
             "previous_adapter": baselines.get("previous_adapter", "none"), "hit_max_new_tokens_rate": summary["hit_max_new_tokens_rate"],
             "problems": "; ".join(problems) or "none",
         },

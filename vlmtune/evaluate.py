@@ -150,6 +150,8 @@ def report_summary(report: dict[str, Any]) -> dict[str, Any]:
     keys = ("accuracy", "ci95", "n", "image_shuffle_drop", "image_shuffle_drop_ci95", "lora_to_full_ratio", "questions_per_second", "hit_max_new_tokens_rate")
     return {key: report[key] for key in keys} | {
         "baselines": {name: value["accuracy"] for name, value in report["baselines"].items()},
+        # paired 95 % interval on (this adapter - baseline) over the same questions: what the gate judges by
+        "lead_ci95": {name: value["difference_ci95"] for name, value in report["baselines"].items()},
         "per_answer_type": {name: value["accuracy"] for name, value in report["per_answer_type"].items()},
         "previous_adapter": report["previous_adapter"],
     }
