@@ -114,3 +114,25 @@ def _find_process(fragment: str) -> int | None:
             except OSError:
                 continue
     return None
+
+
+def test_a_drop_that_cannot_be_ingested_is_not_left_registered_and_can_be_retried(pipeline, capsys):
+    root, env, instance = pipeline
+    broken = root / "incoming" / "no-layout"
+    broken.mkdir(parents=True)
+    (broken / "notes.txt").write_text("no annotations in any known layout")
+    with pytest.raises(SystemExit, match="failed"):
+        main(["ingest", str(broken)])
+    assert "no-layout" not in instance.get_dynamic_partitions("drops"), "a half-registered drop would fail every training run"
+    assert not (root / "data" / "drops" / "no-layout").exists(), "its copy would block the retry"
+
+    # fixed at the source, the same command now ingests it
+    source = root / "data" / "drops" / "easyvqa-train"
+    (broken / "images").mkdir()
+    lines = (source / "annotations.jsonl").read_text().splitlines()[:3]
+    for line in lines:
+        shutil.copyfile(source / json.loads(line)["image"], broken / json.loads(line)["image"])
+    (broken / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["ingest", str(broken)]) == 0
+    assert "no-layout" in instance.get_dynamic_partitions("drops")
+    assert "3 records, 3 kept, 0 quarantined" in capsys.readouterr().out

@@ -76,12 +76,21 @@ def run_ingest(path: Path, name: str | None) -> int:
             return 2
         drops_dir.mkdir(parents=True, exist_ok=True)
         shutil.copytree(source, target, symlinks=True)  # links are copied as links and judged inside the drop
+        copied = True
+    else:
+        copied = False
     instance = _instance()
-    _register_drops(instance, [name])
-    _execute(instance, "ingest_drop", partition_key=name)
-    from vlmtune.artifacts import ArtifactStore
-
-    summary = ArtifactStore(os.environ["VQA_HOME"]).require_current("clean_samples", name).summary
+    registered = _register_drops(instance, [name])
+    try:
+        _execute(instance, "ingest_drop", partition_key=name)
+    except SystemExit:
+        # a drop that could not be ingested is not left behind: registered, it would fail every later
+        # training run ("registered but have no clean_samples"), and its copy would block the retry
+        _unregister_drops(instance, registered)
+        if copied:
+            shutil.rmtree(target)
+        raise
+    summary = _clean_summary(instance, name)
     print(f"[vlmtune] drop {name}: {summary['n_in']} records, {summary['n_kept']} kept, {summary['n_quarantined']} quarantined {summary['quarantine_reasons']}")
     return 0
 
@@ -137,13 +146,33 @@ def _reconstructable(job_name: str):
     return dg.reconstructable(handles[job_name])
 
 
-def _register_drops(instance, names: list[str]) -> None:
+def _register_drops(instance, names: list[str]) -> list[str]:
+    """Register the drops Dagster does not know yet; return those it registered."""
     from pipelines.partitions import drops_partitions
 
     known = set(instance.get_dynamic_partitions(drops_partitions.name))
     new = [name for name in names if name not in known]
     if new:
         instance.add_dynamic_partitions(drops_partitions.name, new)
+    return new
+
+
+def _unregister_drops(instance, names: list[str]) -> None:
+    from pipelines.partitions import drops_partitions
+
+    for name in names:
+        instance.delete_dynamic_partition(drops_partitions.name, name)
+
+
+def _clean_summary(instance, drop: str) -> dict:
+    """The summary of the clean_samples version Dagster recorded last for `drop`."""
+    import dagster as dg
+
+    from vlmtune.artifacts import ArtifactStore
+
+    [record] = instance.fetch_materializations(dg.AssetRecordsFilter(dg.AssetKey("clean_samples"), asset_partitions=[drop]), limit=1).records
+    fp = record.asset_materialization.metadata["fingerprint"].value
+    return ArtifactStore(os.environ["VQA_HOME"]).find("clean_samples", fp, drop).summary
 
 
 def _execute(instance, job_name: str, partition_key: str | None = None) -> float:
