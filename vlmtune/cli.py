@@ -143,7 +143,13 @@ def _reconstructable(job_name: str):
     from pipelines import definitions
 
     handles = {"ingest_drop": definitions.ingest_drop_job, "train_and_ship": definitions.train_and_ship_job}
-    return dg.reconstructable(handles[job_name])
+    job = dg.reconstructable(handles[job_name])
+    # Dagster keeps the last job it reconstructed (an lru_cache on the class, shared by every handle).
+    # The handles build from the environment, so a later call in this process with other folders
+    # (tests, notebooks) must not be handed the earlier call's resources.
+    type(job).get_definition.cache_clear()
+    type(job).get_repository_definition.cache_clear()
+    return job
 
 
 def _register_drops(instance, names: list[str]) -> list[str]:
